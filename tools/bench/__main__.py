@@ -1,0 +1,64 @@
+"""`./launch.sh bench SUBCOMMAND [options]`: throughput and compute-to-accuracy benchmarks.
+
+Each subcommand lives in `tools/bench/<name>.py` and provides:
+    DESCRIPTION: str
+    add_arguments(parser)            its own options (the common ones below are added here)
+    run(args) -> BenchReport         turns args into its typed config first thing, measures, returns the report
+Modules are imported only when chosen, so e.g. `bench kernels` works on a machine without DALI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "pipeline": "data pipeline images/s: DALI vs torch backend vs the original ImageFolder recipe",
+    "model": "training-step images/s, TFLOP/s, MFU, memory on synthetic input",
+    "kernels": "fused Triton masking kernels vs reference ops, and the whole training step",
+    "e2e": "the real training loop on real shards: images/s, data-wait %, ratio to `model`",
+    "shard": "sharding throughput vs plain tar copy and decode+encode cost",
+    "compute": "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)",
+}
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common benchmark options")
+    g.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    g.add_argument("--markdown", metavar="FILE", help="write the result as a Markdown table")
+    g.add_argument("--warmup", type=int, default=None, help="untimed warm-up iterations (default: per benchmark)")
+    g.add_argument("--repeats", type=int, default=None, help="timed repeats; the median is reported (default: per benchmark)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="./launch.sh bench",
+        description="Benchmarks. Every subcommand warms up, repeats, reports median and spread with the machine description.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands:\n" + "\n".join(f"  {k:<9} {v}" for k, v in SUBCOMMANDS.items()),
+    )
+    top.add_argument("subcommand", choices=list(SUBCOMMANDS), metavar="SUBCOMMAND")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in SUBCOMMANDS:
+        top.error(f"unknown subcommand {name!r}; choose from {', '.join(SUBCOMMANDS)}")
+    module = importlib.import_module(f"tools.bench.{name}")
+    parser = argparse.ArgumentParser(prog=f"./launch.sh bench {name}", description=module.DESCRIPTION)
+    module.add_arguments(parser)
+    add_common_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    report = module.run(args)
+    report.print()
+    report.write(json_path=args.json, markdown_path=args.markdown)
+    for path in (args.json, args.markdown):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
