@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shard_format import ClassEntry, Manifest, ShardWriter, timm_info
 from pipeline.fileio import atomic_write_json
+from pipeline.shard_format import ClassEntry, Manifest, ShardWriter, timm_info
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

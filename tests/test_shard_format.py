@@ -5,7 +5,13 @@ import json
 import pytest
 
 from pipeline.shard_format import (
-    ShardFormatError, ShardWriter, check_shard_files, decode_label, iter_tar_members, load_manifest, parse_index,
+    ShardFormatError,
+    ShardWriter,
+    check_shard_files,
+    decode_label,
+    iter_tar_members,
+    load_manifest,
+    parse_index,
     read_samples,
 )
 from tests.conftest import write_tiny_shards

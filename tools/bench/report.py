@@ -51,7 +51,7 @@ def machine_info() -> dict[str, Any]:
         gpu = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     dali = _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120")
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node(),
         "cpu": _cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
