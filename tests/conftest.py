@@ -8,7 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Triton kernels run on CPU tensors under the interpreter; it must be on before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pipeline.fileio import atomic_write_json
 from pipeline.shard_format import ClassEntry, Manifest, ShardWriter, timm_info
