@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "kernels": "fused Triton masking kernels vs reference ops, and the whole training step",
     "e2e": "the real training loop on real shards: images/s, data-wait %, ratio to `model`",
     "shard": "sharding throughput vs plain tar copy and decode+encode cost",
+    "trainer_overhead": "the trainer's real loop vs a bare loop over the same step (overhead must stay under 5%)",
     "compute": "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)",
 }
 

@@ -1,0 +1,510 @@
+"""The pre-training loop: `Trainer.train_step` (one optimiser step) and `Trainer.train` (epochs, logging,
+checkpoints, pre-emption, evaluation), with one `state_dict` that holds everything an exact resume needs.
+
+Hot-path rules (the original MAE loop synced the host every step; this one does not):
+  * losses, gradient norms and non-finite counts accumulate in device tensors and are read once per log
+    interval (one all-reduce + one host copy);
+  * a non-finite step is skipped on the device by the fused AdamW (`found_inf`), never by a host `if`;
+  * the stop request of SIGTERM / SIGUSR1 is agreed on through an asynchronous gloo all-reduce of a host flag;
+  * the learning rate is a host float computed from the step counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model.mae import MaskedAutoencoderViT
+from pipeline.loader import Batch, Loader
+from train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from train.config import TrainConfig
+from train.distributed import DistEnv, StopRequest, control_group, gather_objects, rng_state, set_rng_state
+from train.hardware import peak_tflops
+from train.metrics import IntervalNumbers, RunLog, eval_record, peak_memory_gb, train_record
+from train.optim import CosineSchedule, build_optimizer, set_lr, skip_if
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_NO_BAD_STEP = 2**62
+
+
+class NonFiniteError(RuntimeError):
+    """More non-finite steps than --skip-nonfinite allows; raised after the checkpoint is written."""
+
+    def __init__(self, message: str, first_step: int, count: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.first_step, self.count, self.checkpoint = first_step, count, checkpoint
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    status: str  # "completed" (schedule done), "max_steps", "preempted" (signal)
+    step: int
+    epoch: int
+    checkpoint: Path | None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 autocast on CUDA, fp32 on the CPU (CPU autocast works, but is slower than fp32 there)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def resolve_compile(compile: str, device: torch.device) -> bool:
+    return compile == "on" or (compile == "auto" and device.type == "cuda")
+
+
+@dataclass
+class Compute:
+    """Cumulative work behind the current weights (checkpointed; a resumed run continues from these)."""
+
+    images: int = 0
+    seconds: float = 0.0  # wall seconds of training (x world_size = device-seconds)
+    nonfinite_steps: int = 0
+
+
+class Trainer:
+    """One process's share of a pre-training run.
+
+    model: the bare MaskedAutoencoderViT (the trainer moves it to the device and wraps it with DDP / compile).
+    loader: this rank's training loader (pipeline.loader protocol). eval_loader: held-out data for the head's
+    top-1 (optional). log: rank 0's RunLog (None = record nothing, e.g. benchmarks).
+    """
+
+    def __init__(self, cfg: TrainConfig, model: MaskedAutoencoderViT, loader: Loader, env: DistEnv | None = None,
+                 eval_loader: Loader | None = None, log: RunLog | None = None, run_config: dict | None = None):
+        self.cfg = cfg
+        self.env = env or DistEnv()
+        self.device = self.env.device
+        self.loader = loader
+        self.eval_loader = eval_loader
+        self.log = log
+        self.run_config = run_config if run_config is not None else {"train": cfg.to_dict(),
+                                                                       "model": model.cfg.to_dict()}
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = DTYPES[self.precision]
+        self.compiled = resolve_compile(cfg.compile, self.device)
+
+        if cfg.sync_bn and self.env.distributed and self.device.type != "cuda":
+            raise ValueError("--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation")
+        if cfg.sync_bn and self.env.distributed and model.cls_head is not None:
+            model.cls_head = nn.SyncBatchNorm.convert_sync_batchnorm(model.cls_head)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.ddp: DistributedDataParallel | None = None
+        forward: nn.Module = self.model
+        if self.env.distributed:
+            # Every parameter is used every step: no unused-parameter search. Gradients live in the buckets.
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=False, gradient_as_bucket_view=True,
+            )
+            forward = self.ddp
+        self.forward = torch.compile(forward) if self.compiled else forward
+
+        self.world_size = self.env.world_size
+        self.steps_per_epoch = loader.batches_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{loader.batches_per_epoch} batches per epoch per process cannot make one step of "
+                             f"--accum-steps {cfg.accum_steps}; lower --batch-size or --accum-steps")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.peak_lr = cfg.peak_lr(self.world_size)
+        self.schedule = CosineSchedule(self.peak_lr, min(cfg.min_lr, self.peak_lr),
+                                       round(cfg.warmup_epochs * self.steps_per_epoch), self.total_steps)
+        self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay, cfg.betas)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # BatchNorm running statistics change in the forward pass, before anyone knows whether the step is
+        # finite: they are snapshotted and put back on the device when the step is skipped.
+        norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        self._bn_buffers = [b for m in self.model.modules() if isinstance(m, norms)
+                            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self._bn_snapshot = [b.clone() for b in self._bn_buffers]
+        self.flops_per_image = self.model.train_flops_per_image(cfg.mask_ratio)
+        self.peak_tflops = peak_tflops(self.device, self.amp_dtype)
+
+        self.step = 0
+        self.compute = Compute()
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1  # step of the newest checkpoint of this state (-1: none)
+        self._lr = self.schedule(0)
+        self._reset_device_accumulators()
+        self._interval_step0 = 0  # step of the previous log record: the current record averages the steps since
+        self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._clock = lambda: self.compute.seconds
+        self._restart_rate_window()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One step
+
+    def _reset_device_accumulators(self) -> None:
+        dev = self.device
+        # [loss, rec_loss, cls_loss, finite micro-batches, grad-norm sum, finite steps]
+        self._sums = torch.zeros(6, dtype=torch.float64, device=dev)
+        self._bad_count = torch.zeros((), dtype=torch.int64, device=dev)
+        self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches: Sequence[Batch]) -> None:
+        """One optimiser step over `batches` (accum_steps micro-batches). Never reads a device value."""
+        cfg = self.cfg
+        self._lr = self.schedule(self.step)
+        set_lr(self.optimizer, self._lr)
+        n = len(batches)
+        loss_fail = torch.zeros((), dtype=torch.bool, device=self.device)
+        for saved, buf in zip(self._bn_snapshot, self._bn_buffers, strict=True):
+            saved.copy_(buf)
+        for i, b in enumerate(batches):
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = contextlib.nullcontext() if (self.ddp is None or i == n - 1) else self.ddp.no_sync()
+            with sync:
+                images = b.images.to(self.device, non_blocking=True)
+                labels = b.labels.to(self.device, non_blocking=True)
+                with self._autocast():
+                    out = self.forward(images, labels, mask_ratio=cfg.mask_ratio)
+                loss = out.loss / n
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            cls = out.cls_loss if out.cls_loss is not None else torch.zeros((), device=self.device)
+            vals = torch.stack([out.loss.detach(), out.rec_loss.detach(), cls.detach()]).double()
+            finite = torch.isfinite(vals).all()
+            self._sums[:3] += torch.where(finite, vals, 0.0)
+            self._sums[3] += finite
+            loss_fail |= ~finite
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gnorm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.clip_grad, gnorm, foreach=True)
+        bad = ~torch.isfinite(gnorm)
+        if self.scaler is not None:
+            # fp16: the scaler skips overflowing steps (normal while it calibrates); a non-finite *loss* is the
+            # failure that counts against --skip-nonfinite.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            fail = loss_fail
+        else:
+            skip_if(self.optimizer, bad.float())
+            self.optimizer.step()
+            fail = bad  # identical on every rank: the gradients were all-reduced
+        self.optimizer.zero_grad(set_to_none=True)
+        for buf, saved in zip(self._bn_buffers, self._bn_snapshot, strict=True):
+            buf.copy_(torch.where(bad, saved, buf))
+
+        self._sums[4] += torch.where(bad, 0.0, gnorm.double())
+        self._sums[5] += ~bad
+        self._bad_count += fail
+        self._first_bad = torch.where(fail & (self._first_bad == _NO_BAD_STEP), self._step_t, self._first_bad)
+        self._step_t += 1
+        self.step += 1
+        self.compute.images += sum(b.num_valid for b in batches) * self.world_size
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def _micro_batches(self) -> Iterator[list[Batch]]:
+        """The rest of the loader's current epoch in groups of accum_steps; a last incomplete group is read and
+        dropped so the loader's epoch ends together with the epoch's last step."""
+        group: list[Batch] = []
+        for b in self.loader:
+            group.append(b)
+            if len(group) == self.cfg.accum_steps:
+                yield group
+                group = []
+
+    def _say(self, text: str) -> None:
+        if self.log is not None:
+            self.log.message(text)
+
+    def _start_clock(self) -> None:
+        t0, base = time.monotonic(), self.compute.seconds
+        self._clock = lambda: base + (time.monotonic() - t0)
+        self._restart_rate_window()
+
+    def _restart_rate_window(self) -> None:
+        self._rate_t0 = time.monotonic()
+        self._rate_excluded = 0.0  # seconds of checkpoint writes and evaluations inside the window
+        self._rate_step0 = self.step
+        self._rate_images0 = self.compute.images
+        self.loader.stats.reset()
+
+    def train(self, stop: StopRequest | None = None) -> TrainResult:
+        """Run until the schedule ends, --max-steps, a stop signal, or too many non-finite steps.
+
+        Checkpoints: every --ckpt-every steps, at every epoch end, and at the end (also when stopped by a signal).
+        Log records depend only on the step sequence (a partial interval is carried in the checkpoint, not cut
+        short), so an interrupted and resumed run writes the same metrics.jsonl records as an uninterrupted one.
+        """
+        cfg = self.cfg
+        own_stop = stop is None
+        stop = stop or StopRequest(self.env)
+        self._start_clock()
+        status: str | None = None
+        try:
+            while status is None:
+                if self.step >= self._end_step():
+                    status = "max_steps" if self.step < self.total_steps else "completed"
+                    break
+                epoch0 = self.loader.epoch
+                for group in self._micro_batches():
+                    self.train_step(group)
+                    if stop.poll():
+                        status = "preempted"
+                    elif cfg.max_steps and self.step >= cfg.max_steps:
+                        status = "max_steps"
+                    if self.step % cfg.log_every == 0:
+                        self._end_interval()
+                    if self.step % self.steps_per_epoch == 0:
+                        continue  # the epoch's last step: let the loop read any leftover batches and end
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                        self.save()
+                    if status is not None:
+                        break
+                if self.loader.epoch != epoch0:
+                    self._end_epoch()
+            # At --max-steps the run ends here: the log interval is closed before saving (so a continuation does not
+            # log these steps twice). On a stop signal the open interval travels in the checkpoint instead.
+            closed = self._end_interval() if status == "max_steps" else False
+            if closed or self._saved_step != self.step:
+                self.save()
+            if status == "preempted":
+                who = stop.received.name if stop.received else "received by another process"
+                self._say(f"stop signal ({who}): checkpoint of step {self.step} written, exiting")
+        finally:
+            if own_stop:
+                stop.restore()
+            if self.log is not None:
+                self.log.flush()
+        return TrainResult(status, self.step, self.loader.epoch, self.last_checkpoint)
+
+    def _end_epoch(self) -> None:
+        """After every epoch: close the log interval, the optional evaluation, a checkpoint (kept for good every
+        --keep-every epochs)."""
+        cfg = self.cfg
+        epoch = self.loader.epoch  # epochs finished
+        self._end_interval()
+        if cfg.eval_every and self.eval_loader is not None and epoch % cfg.eval_every == 0:
+            self.evaluate()
+        self.save(permanent_epoch=epoch if cfg.keep_every and epoch % cfg.keep_every == 0 else None)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Log intervals: the one place the host reads device values
+
+    def _end_interval(self) -> bool:
+        """Close the log interval: reduce, read, record. False when it was empty."""
+        if self.step == self._interval_step0:
+            return False
+        sums = self._sums.clone()
+        counts = torch.stack([self._bad_count, -self._first_bad]).double()
+        host = torch.tensor([self.loader.stats.wait_fraction], dtype=torch.float64)
+        if self.env.distributed:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            dist.all_reduce(host, group=control_group())
+        values = torch.cat([sums, counts]).tolist()  # the host sync of this interval
+        loss_s, rec_s, cls_s, n_micro, gsum, n_steps, bad, neg_first = values
+        (wait_sum,) = host.tolist()
+        bad, first_bad = int(bad), int(-neg_first)
+        self.compute.seconds = self._clock()
+        self.compute.nonfinite_steps += bad
+        has_cls = self.model.cls_head is not None
+        rec = train_record(IntervalNumbers(
+            step=self.step,
+            epoch=self.step / self.steps_per_epoch,
+            images=self.compute.images,
+            flops=self.compute.images * self.flops_per_image,
+            device_hours=self.compute.seconds * self.world_size / 3600,
+            loss=loss_s / n_micro if n_micro else float("nan"),
+            rec_loss=rec_s / n_micro if n_micro else float("nan"),
+            cls_loss=(cls_s / n_micro if n_micro else float("nan")) if has_cls else None,
+            lr=self._lr,
+            grad_norm=gsum / n_steps if n_steps else float("nan"),
+            interval_steps=self.step - self._interval_step0,
+            interval_images=self.compute.images - self._rate_images0,
+            interval_seconds=time.monotonic() - self._rate_t0 - self._rate_excluded,
+            rate_steps=self.step - self._rate_step0,
+            data_wait=wait_sum / self.world_size,
+            world_size=self.world_size,
+            flops_per_image=self.flops_per_image,
+            peak_tflops=self.peak_tflops,
+            memory_gb=peak_memory_gb(self.device),
+            remaining_steps=max(0, self._end_step() - self.step),
+            nonfinite_steps=self.compute.nonfinite_steps,
+            loss_scale=self.scaler.get_scale() if self.scaler is not None else None,
+        ))
+        if self.log is not None:
+            self.log.record(rec)
+        self._reset_device_accumulators()
+        self._interval_step0 = self.step
+        self._restart_rate_window()
+        if bad and self.compute.nonfinite_steps > self.cfg.skip_nonfinite:
+            self._fail_nonfinite(first_bad)
+        return True
+
+    def _end_step(self) -> int:
+        return min(self.total_steps, self.cfg.max_steps) if self.cfg.max_steps else self.total_steps
+
+    def _fail_nonfinite(self, first_bad: int) -> None:
+        # Skipped steps never touched the weights, so the current state is the last good one.
+        path = self.save()
+        n, allowed = self.compute.nonfinite_steps, self.cfg.skip_nonfinite
+        what = "loss" if self.precision == "fp16" else "loss or gradients"
+        msg = (f"non-finite {what} at step {first_bad + 1} ({n} non-finite step(s) so far, --skip-nonfinite "
+               f"{allowed}); those updates were skipped and the run stopped at step {self.step}"
+               + (f" with checkpoint {path}" if path else "")
+               + ". Resume with --resume auto after lowering --blr, adding --clip-grad or using --precision fp32,"
+               f" or let it skip more with --skip-nonfinite {n + 10}")
+        self._say(msg)
+        raise NonFiniteError(msg, first_bad + 1, n, path)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Evaluation: the SupMAE head's top-1 on held-out data (all patches visible, BatchNorm in eval mode)
+
+    def evaluate(self) -> float:
+        """Top-1 of the classification head over the eval loader's epoch (all ranks; padding not counted)."""
+        t0 = time.monotonic()
+        try:
+            return self._evaluate()
+        finally:
+            self._rate_excluded += time.monotonic() - t0
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        model = self.model
+        model.eval()
+        try:
+            correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            seen = 0
+            num_patches = model.cfg.num_patches
+            for b in self.eval_loader:
+                images = model.as_nhwc(b.images.to(self.device, non_blocking=True))
+                labels = b.labels.to(self.device, non_blocking=True)
+                ids = torch.arange(num_patches, device=self.device).expand(images.shape[0], -1)
+                with self._autocast():
+                    latent = model.forward_encoder(images, ids)
+                    logits = model.cls_head(model.forward_features(latent))
+                hit = logits.argmax(dim=-1) == labels
+                if b.valid is not None:
+                    hit &= b.valid.to(self.device)
+                correct += hit.sum()
+                seen += b.num_valid
+            totals = torch.tensor([seen], dtype=torch.int64)
+            if self.env.distributed:
+                dist.all_reduce(correct)
+                dist.all_reduce(totals, group=control_group())
+            top1 = correct.item() / max(1, int(totals.item()))
+        finally:
+            model.train()
+        if self.log is not None:
+            self.log.record(eval_record(
+                self.step, self.step / self.steps_per_epoch, self.compute.images,
+                self.compute.images * self.flops_per_image, self._clock() * self.world_size / 3600, top1,
+                int(totals.item()),
+            ))
+        return top1
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole training state; a collective (every rank's loader position and RNG go to rank 0).
+
+        Returns the dict on rank 0, None elsewhere. Called between steps, so no gradients exist.
+        """
+        loaders = gather_objects(self.loader.state_dict(), self.env)
+        rngs = gather_objects(rng_state(self.device), self.env)
+        # The open log interval's per-rank sums, so a resumed run completes the same record.
+        interval = gather_objects({"sums": self._sums.cpu(), "bad_count": self._bad_count.cpu(),
+                                   "first_bad": self._first_bad.cpu()}, self.env)
+        if not self.env.is_main:
+            return None
+        self.compute.seconds = self._clock()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "loader": loaders,
+            "rng": rngs,
+            "interval": {"step0": self._interval_step0, "per_rank": interval},
+            "world_size": self.world_size,
+            "compute": {
+                "images": self.compute.images,
+                "flops": self.compute.images * self.flops_per_image,
+                "train_flops_per_image": self.flops_per_image,
+                "device_seconds": self.compute.seconds * self.world_size,
+                "wall_seconds": self.compute.seconds,
+                "nonfinite_steps": self.compute.nonfinite_steps,
+            },
+            "config": self.run_config,
+            "time": time.time(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken (same world size: each rank takes its own loader and RNG)."""
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state['world_size']} processes and this run has {self.world_size}: "
+                "data positions and RNG streams are per process, so an exact resume needs the same number "
+                f"(use --nproc {state['world_size']} or the same node count)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self._step_t.fill_(self.step)
+        self.loader.load_state_dict(state["loader"][self.env.rank])
+        set_rng_state(state["rng"][self.env.rank], self.device)
+        c = state["compute"]
+        self.compute = Compute(int(c["images"]), float(c["wall_seconds"]), int(c["nonfinite_steps"]))
+        self._lr = self.schedule(self.step)
+        interval = state.get("interval")
+        if interval is not None:
+            mine = interval["per_rank"][self.env.rank]
+            self._sums.copy_(mine["sums"])
+            self._bad_count.copy_(mine["bad_count"])
+            self._first_bad.copy_(mine["first_bad"])
+            self._interval_step0 = int(interval["step0"])
+        else:
+            self._interval_step0 = self.step
+        self._saved_step = self.step
+        self._restart_rate_window()
+
+    def save(self, permanent_epoch: int | None = None) -> Path | None:
+        """Write a checkpoint of the current state (collective); prune old ones. Returns the path on rank 0."""
+        t0 = time.monotonic()
+        state = self.state_dict()
+        path = None
+        if self.env.is_main:
+            folder = Path(self.cfg.out) / "checkpoints"
+            path = save_checkpoint(state, folder, self.step, permanent_epoch)
+            removed = prune_checkpoints(folder, self.cfg.keep)
+            self._say(f"checkpoint {path}" + (f" (removed {len(removed)} old)" if removed else ""))
+        self.last_checkpoint = path
+        self._saved_step = self.step
+        self._rate_excluded += time.monotonic() - t0
+        return path
