@@ -9,7 +9,7 @@ Layouts used throughout:
                 normalised).
     patch rows  (N, L, P), P = p*p*C in (p, q, c) order: row inside the patch, column, channel. This is MAE's
                 `patchify` order, and also the order in which an NHWC image stores a patch's pixels.
-    ids_keep    (N, K) int64 (reference) / int32 (kernels): kept patch indices, in masking order.
+    ids_keep    (N, K) int64 or int32 (the kernels accept both): kept patch indices, in masking order.
     mask        (N, L) float, 1 = masked (removed), 0 = kept.
 """
 
