@@ -8,6 +8,8 @@ labels are moved with `.gpu()`), so the CPU path the tests run is the GPU path's
               Train: `shuffle_after_epoch` (shard order reshuffled every epoch, one seed on all ranks) +
               `random_shuffle` through `initial_fill` samples (per-rank seed).
     train     decoders.image_random_crop (decodes only the crop window) -> resize to S x S, cubic, antialiased
+              [-> auto_aug.rand_augment (augment="finetune"), on the decoder's device; DALI's suite and
+              magnitude ranges (= torchvision's), timm's 0..10 magnitude scale, conditional execution]
               -> crop_mirror_normalize (random flip, NHWC, uint8 or normalised float16)
     eval      decoders.image -> resize the shorter side to int(S / crop_ratio), cubic -> centre crop S x S, with
               torchvision's exact output sizes and crop offsets (computed from the JPEG header per sample), so
@@ -38,6 +40,8 @@ import torch
 from pipeline.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RANDAUG_BINS,
+    RANDAUG_FILL,
     Batch,
     LoaderBase,
     LoaderConfig,
@@ -83,6 +87,9 @@ def define_pipeline(cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, dev
         prefetch_queue_depth=cfg.prefetch,
         enable_checkpointing=True,
         exec_dynamic=True,
+        # RandAugment picks its operation per sample with `if` on data nodes (DALI's conditional execution). Only
+        # turned on where it is used, so the pre-training pipeline is built exactly as before.
+        enable_conditionals=cfg.randaugment,
     )
     def pipeline():
         jpegs, labels = fn.readers.webdataset(
@@ -109,6 +116,8 @@ def define_pipeline(cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, dev
                 jpegs, random_area=list(cfg.random_area), random_aspect_ratio=list(cfg.random_aspect_ratio),
                 num_attempts=10, **decoder)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+            if cfg.randaugment:
+                images = _rand_augment(images, cfg, layout)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             images = fn.decoders.image(jpegs, **decoder)
@@ -124,6 +133,22 @@ def define_pipeline(cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, dev
         return images, labels, source
 
     return pipeline(checkpoint=checkpoint)
+
+
+def _rand_augment(images, cfg: LoaderConfig, layout: RankLayout):
+    """RandAugment(n=randaug_n, m=randaug_m of RANDAUG_BINS - 1) on (S, S, 3) uint8 images, per-rank seed.
+
+    Translations reach 100/224 of the side at full magnitude (timm's 0.45), warps fill with RANDAUG_FILL. Every
+    operation has a CPU and a GPU implementation, so the CPU backend runs the same graph the GPU does. (DALI 2.4's
+    own suite still calls the deprecated fn.experimental aliases of filter / equalize: it prints two
+    DeprecationWarnings per process, which its warning helper forces past any filter.)
+    """
+    from nvidia.dali.auto_aug import rand_augment
+
+    return rand_augment.rand_augment(
+        images, n=cfg.randaug_n, m=cfg.randaug_m, num_magnitude_bins=RANDAUG_BINS,
+        shape=(cfg.img_size, cfg.img_size), fill_value=RANDAUG_FILL,
+        seed=derive_seed(cfg.seed, "dali-randaugment", layout.rank))
 
 
 def _resize_centre_crop(fn, dmath, types, jpegs, images, resize: int, size: int):

@@ -3,8 +3,9 @@
 For machines without DALI, and the baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
 semantics as the DALI loader (`pipeline.loader`): DALI's rank ranges and padding (`RankLayout`), labels from the
 `.lbl` member, train = shard order reshuffled per epoch from the seed (same on every rank) + a shuffle buffer of
-`shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip, eval = Resize(int(S / crop_ratio), bicubic) +
-CenterCrop(S) in shard order.
+`shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ torchvision's RandAugment with
+augment="finetune": the operation set and magnitude ranges of DALI's suite, bilinear warps, grey fill), eval =
+Resize(int(S / crop_ratio), bicubic) + CenterCrop(S) in shard order.
 
 Exact resume without replaying: the epoch's whole plan (which sample goes to which batch position) is a pure
 function of (seed, epoch, rank), computed up front from the DALI index files, and each sample's augmentation
@@ -31,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RANDAUG_BINS,
+    RANDAUG_FILL,
     Batch,
     LoaderBase,
     LoaderConfig,
@@ -163,8 +166,8 @@ def buffer_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class SampleTransform:
-    """PIL image -> (S, S, 3) uint8: train RandomResizedCrop(bicubic) + flip from a per-sample seed; eval
-    Resize(int(S / crop_ratio), bicubic) + CenterCrop(S). Seeded draws keep the caller's torch RNG untouched."""
+    """PIL image -> (S, S, 3) uint8: train RandomResizedCrop(bicubic) + flip (+ RandAugment) from a per-sample seed;
+    eval Resize(int(S / crop_ratio), bicubic) + CenterCrop(S). Seeded draws keep the caller's torch RNG untouched."""
 
     def __init__(self, cfg: LoaderConfig):
         self.train = cfg.train
@@ -172,6 +175,12 @@ class SampleTransform:
         self.resize = cfg.eval_resize
         self.area = cfg.random_area
         self.ratio = cfg.random_aspect_ratio
+        self.randaugment = None
+        if cfg.randaugment:
+            import torchvision.transforms as T
+
+            self.randaugment = T.RandAugment(cfg.randaug_n, cfg.randaug_m, RANDAUG_BINS,
+                                             T.InterpolationMode.BILINEAR, [RANDAUG_FILL] * 3)
 
     def __call__(self, img, seed: int) -> np.ndarray:
         import torchvision.transforms as T
@@ -183,9 +192,11 @@ class SampleTransform:
                 torch.manual_seed(seed)
                 i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.area), list(self.ratio))
                 flip = bool(torch.rand(()) < 0.5)
-            img = F.resized_crop(img, i, j, h, w, [self.size, self.size], bicubic, antialias=True)
-            if flip:
-                img = F.hflip(img)
+                img = F.resized_crop(img, i, j, h, w, [self.size, self.size], bicubic, antialias=True)
+                if flip:
+                    img = F.hflip(img)
+                if self.randaugment is not None:
+                    img = self.randaugment(img)  # its draws follow the crop's and the flip's
         else:
             img = F.center_crop(F.resize(img, self.resize, bicubic, antialias=True), [self.size, self.size])
         return np.asarray(img)

@@ -88,3 +88,12 @@ def tiny_shards(tmp_path) -> tuple[Path, Manifest]:
     """A 24-sample, 3-class, 5-shard train folder."""
     folder = tmp_path / "shards"
     return folder, write_tiny_shards(folder)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops run fastest on one thread, and stay fast when other jobs load the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,11 +20,10 @@ from tests.conftest import write_tiny_shards
 from train.checkpoint import list_checkpoints, read_checkpoint
 from train.config import config_from_args
 from train.distributed import DistEnv
+from train.metrics import TIMING_FIELDS
 from train.pretrain import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_FIELDS = {"time", "device_hours", "images_per_sec", "images_per_sec_per_device", "data_wait",
-                 "tflops_per_device", "mfu", "memory_gb", "eta_seconds", "interval_seconds"}
 RUN = ["--model", "supmae_vit_tiny_patch16", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
        "--depth", "1", "--num-heads", "2", "--decoder-embed-dim", "32", "--decoder-num-heads", "2",
        "--cls-hidden", "32", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "1", "--lr", "2e-3",

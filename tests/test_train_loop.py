@@ -16,7 +16,7 @@ from tests.conftest import write_tiny_shards
 from train.checkpoint import list_checkpoints, read_checkpoint
 from train.config import config_from_args
 from train.distributed import DistEnv, seed_all
-from train.metrics import EVAL_FIELDS, TRAIN_FIELDS, RunLog
+from train.metrics import EVAL_FIELDS, TIMING_FIELDS, TRAIN_FIELDS, RunLog
 from train.pretrain import SetupError, run
 from train.trainer import NonFiniteError, Trainer
 
@@ -26,18 +26,9 @@ TINY_MODEL = ["--model", "supmae_vit_tiny_patch16", "--img-size", "16", "--patch
 TINY_RUN = [*TINY_MODEL, "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0.5", "--lr", "2e-3",
             "--data-threads", "1", "--shuffle-buffer", "16", "--display", "off", "--no-tensorboard",
             "--log-every", "1", "--ckpt-every", "0"]
-# Fields that depend on the clock or the machine, not on the computation.
-TIMING_FIELDS = {"time", "device_hours", "images_per_sec", "images_per_sec_per_device", "data_wait",
-                 "tflops_per_device", "mfu", "memory_gb", "eta_seconds", "interval_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run fastest on one thread, and stay fast when other jobs load the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

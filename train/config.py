@@ -13,6 +13,7 @@ anything is built, with a message naming the option, the value and what is allow
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import types
 import typing
@@ -29,8 +30,8 @@ DATA_BACKENDS = ("dali", "torch")
 DISPLAYS = ("auto", "live", "plain", "off")
 # Set from the training data set's manifest when not given (`--num-classes` overrides).
 AUTO_MODEL_FIELDS = ("num_classes",)
-# img_size is shared by the loader and the model, so it is a TrainConfig field, not a model_args entry.
-MODEL_FIELDS_OWNED_BY_TRAIN = ("img_size",)
+# A ModelConfig field that is also a field of the configuration class (img_size: it sets the loader and the model)
+# is set through that field, never through model_args.
 
 # Fields that may change between a run and its resumption without changing what is computed (where files go, how
 # often things are logged or saved, how fast the data is read). Any other difference is reported at resume.
@@ -40,114 +41,48 @@ RUNTIME_FIELDS = frozenset({
 })
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by `--help`)."""
+def option_field(default: Any, help: str) -> Any:
+    """A configuration dataclass field with its help text (shown by `--help`)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
-class TrainConfig:
-    """Everything one pre-training run needs; validated on creation. Defaults are the SupMAE ViT-B/16 recipe."""
+_f = option_field
 
-    # -- what and where
-    recipe: str = _f("", "named preset to start from (listed above); the other options override its fields")
+
+@dataclass
+class RunConfig:
+    """What every protocol's process needs (pre-training, fine-tuning, linear probing, k-NN): data, device, numerics.
+
+    Subclasses add their fields and may redeclare a field to change its default or help (it keeps its place).
+    Validation runs in `__post_init__`, base class first, after every value was coerced to its declared type.
+    """
+
     data: str = _f("", "training shard folder (with manifest.json); required")
-    out: str = _f("", "run folder: config.json, metrics.jsonl, tb/, checkpoints/; required")
-    eval_data: str = _f("", "held-out shard folder for the SupMAE head's top-1 ('' = none)")
-    eval_every: int = _f(0, "evaluate the head's top-1 on --eval-data every N epochs (0 = never); logged only")
+    out: str = _f("", "output folder")
+    eval_data: str = _f("", "held-out shard folder ('' = none)")
     eval_batch_size: int = _f(0, "per-process batch for --eval-data (0 = --batch-size)")
-    # -- model
-    model: str = _f("supmae_vit_base_patch16", "model preset (model.list_models())")
-    model_args: dict[str, Any] = _f({}, "ModelConfig overrides; set each with --field-name (e.g. --patch-size 4)")
-    img_size: int = _f(224, "input resolution (loader crop and model)")
-    mask_ratio: float = _f(0.75, "fraction of patches masked")
-    init: str = _f("", "initial weights: an original MAE/SupMAE .pth or a checkpoint of this project")
-    # -- schedule and optimiser
-    epochs: int = _f(400, "epochs of the cosine schedule")
-    warmup_epochs: float = _f(20.0, "linear warm-up epochs (fractions allowed)")
-    max_steps: int = _f(0, "stop after this many optimiser steps (0 = run the whole schedule); the schedule is unchanged")
-    batch_size: int = _f(512, "batch per process (per GPU); effective batch = batch_size x processes x accum_steps")
-    accum_steps: int = _f(1, "micro-batches per optimiser step (changes the head's BatchNorm statistics)")
-    blr: float = _f(1.5e-4, "base learning rate: lr = blr x effective batch / 256")
-    lr: float | None = _f(None, "absolute peak learning rate (overrides --blr)")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens, position embeddings)")
-    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. 0.9,0.95")
-    clip_grad: float = _f(0.0, "clip the global gradient norm to this value (0 = no clipping)")
-    # -- numerics and speed
+    batch_size: int = _f(512, "batch per process (per GPU)")
     device: str = _f("auto", "auto (cuda when available) | cuda | cpu")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a gradient scaler) | fp32")
     compile: str = _f("auto", "torch.compile: auto (on for CUDA) | on | off  (--no-compile = off)")
-    sync_bn: bool = _f(False, "SyncBatchNorm for the SupMAE head across processes (CUDA)")
-    skip_nonfinite: int = _f(0, "skip up to N steps with non-finite loss/gradients before stopping")
-    seed: int = _f(0, "seed of weights, masking and data order")
-    # -- data
+    seed: int = _f(0, "seed of weights, augmentation and data order")
     data_backend: str = _f("dali", "dali | torch")
     data_threads: int = _f(4, "loader threads per process (DALI CPU threads / DataLoader workers)")
-    random_area: tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop area range, e.g. 0.2,1.0")
-    random_aspect_ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
-    shuffle_buffer: int = _f(1024, "samples in the loader's shuffle buffer")
-    # -- checkpoints and logs
-    ckpt_every: int = _f(1000, "checkpoint every N steps (0 = only at epoch ends and on signals)")
-    keep: int = _f(3, "keep the newest N checkpoints")
-    keep_every: int = _f(0, "also keep the epoch-end checkpoint of every N-th epoch for good (0 = none)")
-    resume: str = _f("", "'' = new run, 'auto' = newest valid checkpoint in --out (new run if none), or a file")
-    log_every: int = _f(50, "steps per log interval (metrics line, display update)")
-    display: str = _f("auto", "auto (live on a terminal, plain otherwise) | live | plain | off")
-    tensorboard: bool = _f(True, "write TensorBoard events to OUT/tb")
 
     def __post_init__(self) -> None:
         _normalise_types(self)
-        for name in ("data", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"--{_opt(name)} is required (got none)")
+        if not self.data:
+            raise ValueError("--data is required (got none)")
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("compile", self.compile, SWITCHES)
         _check_choice("data_backend", self.data_backend, DATA_BACKENDS)
-        _check_choice("display", self.display, DISPLAYS)
-        for name in ("epochs", "batch_size", "accum_steps", "log_every", "keep", "img_size", "data_threads",
-                     "shuffle_buffer"):
+        for name in ("batch_size", "data_threads"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        for name in ("eval_every", "eval_batch_size", "max_steps", "skip_nonfinite", "ckpt_every", "keep_every",
-                     "seed"):
+        for name in ("eval_batch_size", "seed"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
-        _check(0.0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
-               f"a number in [0, epochs={self.epochs}]")
-        _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "a number in [0, 1)")
-        _check(self.blr > 0, "blr", self.blr, "a number > 0")
-        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a number > 0 (or none to use --blr)")
-        _check(self.min_lr >= 0, "min_lr", self.min_lr, "a number >= 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1), e.g. 0.9,0.95")
-        _check(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 = off)")
-        for name in ("random_area", "random_aspect_ratio"):
-            lo, hi = getattr(self, name)
-            _check(0 < lo <= hi, name, getattr(self, name), "two numbers lo,hi with 0 < lo <= hi")
-        _check(self.random_area[1] <= 1.0, "random_area", self.random_area, "an area range within (0, 1]")
-        if self.eval_every and not self.eval_data:
-            raise ValueError(f"--eval-every {self.eval_every} needs --eval-data (a held-out shard folder)")
-        mc = self.model_config()  # validates the preset name, the model_args keys and their values
-        if self.eval_every and not mc.cls_branch:
-            raise ValueError(f"--eval-every needs a model with the classification branch; {self.model} has none "
-                             "(evaluate MAE encoders with ./launch.sh knn or linprobe)")
-        if mc.num_visible(self.mask_ratio) < 1:
-            raise ValueError(f"--mask-ratio {self.mask_ratio} keeps no patch of {mc.num_patches}; lower it")
-
-    # -- derived values ----------------------------------------------------------------------------------------
-    def model_config(self, **auto: Any) -> ModelConfig:
-        """The resolved ModelConfig: preset + model_args + img_size; `auto` fills AUTO_MODEL_FIELDS not given."""
-        fill = {k: v for k, v in auto.items() if k in AUTO_MODEL_FIELDS and k not in self.model_args}
-        return model_config(self.model, **{**fill, **self.model_args, "img_size": self.img_size})
-
-    def effective_batch(self, world_size: int) -> int:
-        return self.batch_size * self.accum_steps * world_size
-
-    def peak_lr(self, world_size: int) -> float:
-        """MAE's linear scaling rule: lr = blr x effective batch / 256, unless --lr is given."""
-        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -157,16 +92,114 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any]) -> Any:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)} (written by a newer version?)")
         return cls(**d)
 
-    def differences(self, other: TrainConfig, ignore: frozenset[str] = RUNTIME_FIELDS) -> dict[str, tuple[Any, Any]]:
+    def differences(self, other: RunConfig, ignore: frozenset[str] = RUNTIME_FIELDS) -> dict[str, tuple[Any, Any]]:
         """{field: (self value, other value)} for fields that differ, except `ignore`."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+
+
+@dataclass
+class LoopConfig(RunConfig):
+    """The training loop's settings (train.trainer.Trainer reads these): schedule, optimiser basics, augmentation
+    geometry, evaluation, checkpoints and logs. Shared by pre-training, fine-tuning and linear probing."""
+
+    eval_every: int = _f(0, "evaluate on --eval-data every N epochs (0 = never)")
+    epochs: int = _f(400, "epochs of the cosine schedule")
+    warmup_epochs: float = _f(20.0, "linear warm-up epochs (fractions allowed)")
+    max_steps: int = _f(0, "stop after this many optimiser steps (0 = run the whole schedule); the schedule is unchanged")
+    accum_steps: int = _f(1, "micro-batches per optimiser step (changes BatchNorm statistics)")
+    blr: float = _f(1.5e-4, "base learning rate: lr = blr x effective batch / 256")
+    lr: float | None = _f(None, "absolute peak learning rate (overrides --blr)")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens, position embeddings)")
+    clip_grad: float = _f(0.0, "clip the global gradient norm to this value (0 = no clipping)")
+    sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA)")
+    skip_nonfinite: int = _f(0, "skip up to N steps with non-finite loss/gradients before stopping")
+    random_area: tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop area range, e.g. 0.2,1.0")
+    random_aspect_ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
+    shuffle_buffer: int = _f(1024, "samples in the loader's shuffle buffer")
+    ckpt_every: int = _f(1000, "checkpoint every N steps (0 = only at epoch ends and on signals)")
+    keep: int = _f(3, "keep the newest N checkpoints")
+    keep_every: int = _f(0, "also keep the epoch-end checkpoint of every N-th epoch for good (0 = none)")
+    resume: str = _f("", "'' = new run, 'auto' = newest valid checkpoint in --out (new run if none), or a file")
+    log_every: int = _f(50, "steps per log interval (metrics line, display update)")
+    display: str = _f("auto", "auto (live on a terminal, plain otherwise) | live | plain | off")
+    tensorboard: bool = _f(True, "write TensorBoard events to OUT/tb")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("display", self.display, DISPLAYS)
+        for name in ("epochs", "accum_steps", "log_every", "keep", "shuffle_buffer"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        for name in ("eval_every", "max_steps", "skip_nonfinite", "ckpt_every", "keep_every"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        _check(0.0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
+               f"a number in [0, epochs={self.epochs}]")
+        _check(self.blr > 0, "blr", self.blr, "a number > 0")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a number > 0 (or none to use --blr)")
+        _check(self.min_lr >= 0, "min_lr", self.min_lr, "a number >= 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 = off)")
+        for name in ("random_area", "random_aspect_ratio"):
+            lo, hi = getattr(self, name)
+            _check(0 < lo <= hi, name, getattr(self, name), "two numbers lo,hi with 0 < lo <= hi")
+        _check(self.random_area[1] <= 1.0, "random_area", self.random_area, "an area range within (0, 1]")
+        if self.eval_every and not self.eval_data:
+            raise ValueError(f"--eval-every {self.eval_every} needs --eval-data (a held-out shard folder)")
+
+    # -- derived values ----------------------------------------------------------------------------------------
+    def effective_batch(self, world_size: int) -> int:
+        return self.batch_size * self.accum_steps * world_size
+
+    def peak_lr(self, world_size: int) -> float:
+        """MAE's linear scaling rule: lr = blr x effective batch / 256, unless --lr is given."""
+        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Everything one pre-training run needs; validated on creation. Defaults are the SupMAE ViT-B/16 recipe."""
+
+    out: str = _f("", "run folder: config.json, metrics.jsonl, tb/, checkpoints/; required")
+    eval_data: str = _f("", "held-out shard folder for the SupMAE head's top-1 ('' = none)")
+    batch_size: int = _f(512, "batch per process (per GPU); effective batch = batch_size x processes x accum_steps")
+    seed: int = _f(0, "seed of weights, masking and data order")
+    eval_every: int = _f(0, "evaluate the head's top-1 on --eval-data every N epochs (0 = never); logged only")
+    accum_steps: int = _f(1, "micro-batches per optimiser step (changes the head's BatchNorm statistics)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens, position embeddings)")
+    sync_bn: bool = _f(False, "SyncBatchNorm for the SupMAE head across processes (CUDA)")
+    recipe: str = _f("", "named preset to start from (listed above); the other options override its fields")
+    model: str = _f("supmae_vit_base_patch16", "model preset (model.list_models())")
+    model_args: dict[str, Any] = _f({}, "ModelConfig overrides; set each with --field-name (e.g. --patch-size 4)")
+    img_size: int = _f(224, "input resolution (loader crop and model)")
+    mask_ratio: float = _f(0.75, "fraction of patches masked")
+    init: str = _f("", "initial weights: an original MAE/SupMAE .pth or a checkpoint of this project")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. 0.9,0.95")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.out:
+            raise ValueError("--out is required (got none)")
+        _check(self.img_size >= 1, "img_size", self.img_size, "an integer >= 1")
+        _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "a number in [0, 1)")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1), e.g. 0.9,0.95")
+        mc = self.model_config()  # validates the preset name, the model_args keys and their values
+        if self.eval_every and not mc.cls_branch:
+            raise ValueError(f"--eval-every needs a model with the classification branch; {self.model} has none "
+                             "(evaluate MAE encoders with ./launch.sh knn or linprobe)")
+        if mc.num_visible(self.mask_ratio) < 1:
+            raise ValueError(f"--mask-ratio {self.mask_ratio} keeps no patch of {mc.num_patches}; lower it")
+
+    def model_config(self, **auto: Any) -> ModelConfig:
+        """The resolved ModelConfig: preset + model_args + img_size; `auto` fills AUTO_MODEL_FIELDS not given."""
+        fill = {k: v for k, v in auto.items() if k in AUTO_MODEL_FIELDS and k not in self.model_args}
+        return model_config(self.model, **{**fill, **self.model_args, "img_size": self.img_size})
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -192,27 +225,40 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
 _MODEL_HINTS = typing.get_type_hints(ModelConfig)
 
 
-def _normalise_types(cfg: TrainConfig) -> None:
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """{field: type} of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def _takes_model_args(cls: type) -> bool:
+    """Whether `cls` collects ModelConfig options (`--patch-size` ...) in a `model_args` field."""
+    return "model_args" in _hints(cls)
+
+
+def _normalise_types(cfg: Any) -> None:
     """Coerce values built in code (ints for floats, lists for tuples) and reject wrong types with the field name."""
+    hints = _hints(type(cfg))
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        hint = _HINTS[f.name]
+        hint = hints[f.name]
         try:
             setattr(cfg, f.name, _coerce(value, hint))
         except (TypeError, ValueError):
             raise ValueError(f"--{_opt(f.name)} {_show(value)} is invalid: must be {_describe(hint)}") from None
+    if not _takes_model_args(type(cfg)):
+        return
     if not isinstance(cfg.model_args, dict):
         raise ValueError(f"model_args must be a dict of ModelConfig fields, got {cfg.model_args!r}")
     cfg.model_args = dict(cfg.model_args)
     for k, v in cfg.model_args.items():
-        if k in MODEL_FIELDS_OWNED_BY_TRAIN:
-            raise ValueError(f"model_args may not set {k!r}: use --{_opt(k)} (it sets the loader and the model)")
+        if k in hints:
+            raise ValueError(f"model_args may not set {k!r}: use --{_opt(k)} (a field of this configuration)")
         if k not in _MODEL_HINTS:
-            raise ValueError(_unknown_message(k))
+            raise ValueError(_unknown_message(k, type(cfg)))
         try:
             cfg.model_args[k] = _coerce(v, _MODEL_HINTS[k])
         except (TypeError, ValueError):
@@ -268,15 +314,17 @@ def _describe(hint: Any) -> str:
 # Command line: --field-name value
 
 
-def option_names() -> list[str]:
-    """Every accepted option name (TrainConfig fields and ModelConfig fields), as field names."""
-    train = [f.name for f in fields(TrainConfig) if f.name != "model_args"]
-    model = [f.name for f in fields(ModelConfig) if f.name not in MODEL_FIELDS_OWNED_BY_TRAIN]
-    return train + model
+def option_names(cls: type = None) -> list[str]:
+    """Every option name `cls` accepts (default TrainConfig): its fields, then ModelConfig fields when it has
+    model_args (those not owned by a field of its own, e.g. img_size)."""
+    cls = cls or TrainConfig
+    own = [f.name for f in fields(cls) if f.name != "model_args"]
+    model = [f.name for f in fields(ModelConfig) if f.name not in _hints(cls)] if _takes_model_args(cls) else []
+    return own + model
 
 
-def _unknown_message(name: str) -> str:
-    options = [_opt(n) for n in option_names()]
+def _unknown_message(name: str, cls: type = None) -> str:
+    options = [_opt(n) for n in option_names(cls)]
     close = difflib.get_close_matches(_opt(name), options, n=3)
     hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
     return f"unknown option --{_opt(name)}{hint} (see --help for the list)"
@@ -322,21 +370,25 @@ def _parse_value(name: str, text: str, hint: Any) -> Any:
     return text
 
 
-def _field_hint(name: str) -> tuple[str, Any]:
-    """('train' | 'model', type) of option `name`; raises the unknown-option error."""
-    if name in _HINTS and name != "model_args":
-        return "train", _HINTS[name]
-    if name in _MODEL_HINTS and name not in MODEL_FIELDS_OWNED_BY_TRAIN:
+def _field_hint(name: str, cls: type) -> tuple[str, Any]:
+    """('train' | 'model', type) of option `name` for config class `cls`; raises the unknown-option error."""
+    hints = _hints(cls)
+    if name in hints and name != "model_args":
+        return "train", hints[name]
+    if _takes_model_args(cls) and name in _MODEL_HINTS:
         return "model", _MODEL_HINTS[name]
-    raise ValueError(_unknown_message(name))
+    raise ValueError(_unknown_message(name, cls))
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`--field-name value ...` -> {field_name: typed value}; ModelConfig fields are collected under model_args.
+def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
+    """`--field-name value ...` -> {field_name: typed value} for config class `cls` (default TrainConfig);
+    ModelConfig fields are collected under model_args when `cls` has that field.
 
     Also `--field-name=value`, `--flag` / `--no-flag` for booleans, `--no-X` for on/off/auto switches.
     A field given twice takes the last value (so scripts can append overrides to a base command).
     """
+    cls = cls or TrainConfig
+    hints = _hints(cls)
     out: dict[str, Any] = {}
     model_args: dict[str, Any] = {}
     i = 0
@@ -347,9 +399,9 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         key, eq, inline = token[2:].partition("=")
         name = key.replace("-", "_")
         negated = False
-        if name.startswith("no_") and name not in _HINTS and name not in _MODEL_HINTS:
+        if name.startswith("no_") and name not in hints and name not in _MODEL_HINTS:
             name, negated = name[3:], True
-        where, hint = _field_hint(name)
+        where, hint = _field_hint(name, cls)
         i += 1
         if negated:
             if eq:
@@ -407,6 +459,29 @@ def config_from_args(argv: list[str]) -> TrainConfig:
     return build_config(recipe, overrides)
 
 
+def options_help(cls: type, model_heading: str = "Model options (ModelConfig fields, override the preset's value):"
+                 ) -> list[str]:
+    """`--help` lines of every option of config class `cls`: its fields with help and default, then the ModelConfig
+    options when it takes them."""
+    lines = []
+    for f in fields(cls):
+        if f.name == "model_args":
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        shown = _show(default) if default != "" else "''"
+        lines.append(f"  --{_opt(f.name):<22} {f.metadata['help']} [{shown}]")
+    if _takes_model_args(cls):
+        lines += ["", model_heading]
+        model_opts = [f"--{_opt(f.name)}" for f in fields(ModelConfig) if f.name not in _hints(cls)]
+        for i in range(0, len(model_opts), 5):
+            lines.append("  " + " ".join(model_opts[i : i + 5]))
+    return lines
+
+
+LAUNCHER_HELP = ["Launcher options: --nproc N (processes per node; default: one per visible GPU, 1 on CPU).",
+                 "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md)."]
+
+
 def help_text(prog: str = "./launch.sh pretrain") -> str:
     from train.recipes import RECIPES
 
@@ -417,19 +492,10 @@ def help_text(prog: str = "./launch.sh pretrain") -> str:
         *(f"  {name:<32} {r.description}" for name, r in RECIPES.items()),
         "",
         "Options (any field; defaults shown are TrainConfig's, a recipe changes some of them):",
+        *options_help(TrainConfig),
+        "",
+        *LAUNCHER_HELP,
     ]
-    for f in fields(TrainConfig):
-        if f.name == "model_args":
-            continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        shown = _show(default) if default != "" else "''"
-        lines.append(f"  --{_opt(f.name):<22} {f.metadata['help']} [{shown}]")
-    lines += ["", "Model options (ModelConfig fields, override the preset's value):"]
-    model_opts = [f"--{_opt(f.name)}" for f in fields(ModelConfig) if f.name not in MODEL_FIELDS_OWNED_BY_TRAIN]
-    for i in range(0, len(model_opts), 5):
-        lines.append("  " + " ".join(model_opts[i : i + 5]))
-    lines += ["", "Launcher options: --nproc N (processes per node; default: one per visible GPU, 1 on CPU).",
-              "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md)."]
     return "\n".join(lines)
 
 

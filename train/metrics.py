@@ -31,6 +31,10 @@ TRAIN_FIELDS = (
     "memory_gb", "eta_seconds", "nonfinite_steps", "loss_scale", "interval_steps", "interval_seconds",
 )
 EVAL_FIELDS = ("kind", "time", "step", "epoch", "images", "flops", "device_hours", "top1", "samples")
+# Fields of a record that depend on the clock or the machine, not on the computation: two runs that computed the
+# same thing (e.g. an uninterrupted and a resumed one) agree on every other field.
+TIMING_FIELDS = frozenset({"time", "device_hours", "images_per_sec", "images_per_sec_per_device", "data_wait",
+                           "tflops_per_device", "mfu", "memory_gb", "eta_seconds", "interval_seconds"})
 
 
 def _clean(v: Any) -> Any:

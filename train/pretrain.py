@@ -10,39 +10,30 @@ train. Exit status: 0 = schedule finished, --max-steps reached, or stopped by SI
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import json
-import platform
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.mae import MaskedAutoencoderViT
-from pipeline.fileio import atomic_write_json
-from pipeline.loader import LoaderConfig, build_loader
-from pipeline.shard_format import ShardFormatError, load_manifest
-from train.checkpoint import (
-    CHECKPOINT_DIR,
-    latest_checkpoint,
-    list_checkpoints,
-    read_checkpoint,
-    remove_stale_temporaries,
-)
+from pipeline.shard_format import load_manifest
 from train.config import TrainConfig, config_from_args, help_text
-from train.distributed import (
-    DistEnv,
-    StopRequest,
-    broadcast_object,
-    destroy_distributed,
-    init_distributed,
-    rank_seed,
-    seed_all,
+from train.distributed import DistEnv, StopRequest, rank_seed, seed_all
+from train.entry import (
+    SetupError,
+    build_loaders,
+    check_run_folder,
+    device_name,
+    find_resume_state,
+    open_run_log,
+    protocol_main,
+    software_versions,
+    start_trainer,
 )
 from train.metrics import RunLog
+from train.task import MaskedAutoencoderTask
 from train.trainer import NonFiniteError, Trainer, resolve_compile, resolve_precision
 
 CONFIG_NAME = "config.json"
@@ -78,13 +69,7 @@ def preflight(cfg: TrainConfig) -> None:
                              f"model's {model_cfg.num_classes}")
     if cfg.init and not Path(cfg.init).is_file():
         raise FileNotFoundError(f"--init {cfg.init}: no such file")
-    ckdir = Path(cfg.out) / CHECKPOINT_DIR
-    existing = list_checkpoints(ckdir)
-    if cfg.resume == "" and existing:
-        raise ValueError(f"{cfg.out} already holds checkpoints (newest: {existing[-1].path.name}); continue that run "
-                         "with --resume auto, or choose another --out")
-    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint file")
+    check_run_folder(cfg)
 
 
 def resolve_fused_masking(mode: str, device: torch.device) -> str:
@@ -98,40 +83,6 @@ def resolve_fused_masking(mode: str, device: torch.device) -> str:
     except ImportError:
         return "off"
     return "on"
-
-
-def find_resume_state(cfg: TrainConfig, env: DistEnv, notes: list[str]) -> tuple[str, dict] | None:
-    """(path, contents) of the checkpoint to continue from, the same on every rank; None for a new run.
-
-    Rank 0 picks the file (newest valid one for "auto") and tells the others, so all ranks load the same step.
-    """
-    if cfg.resume == "":
-        return None
-    choice: Any = None
-    state = None
-    if env.is_main:
-        try:
-            if cfg.resume == "auto":
-                folder = Path(cfg.out) / CHECKPOINT_DIR
-                found = latest_checkpoint(folder, warn=notes.append)
-                if found is not None:
-                    choice, state = str(found[0]), found[1]
-                elif list_checkpoints(folder):
-                    raise ValueError(f"--resume auto: none of the checkpoints in {folder} can be read ("
-                                     + "; ".join(notes) + "); move them away to start a new run")
-            else:
-                choice, state = cfg.resume, read_checkpoint(cfg.resume)
-        except (ValueError, FileNotFoundError) as e:
-            choice = e
-    choice = broadcast_object(choice if not isinstance(choice, Exception) else ("error", str(choice)), env)
-    if isinstance(choice, tuple):
-        raise ValueError(choice[1])
-    if choice is None:
-        notes.append(f"--resume auto: no checkpoint in {Path(cfg.out) / CHECKPOINT_DIR}, starting a new run")
-        return None
-    if state is None:
-        state = read_checkpoint(choice)
-    return choice, state
 
 
 def init_weights(model: MaskedAutoencoderViT, path: str, notes: list[str]) -> None:
@@ -149,21 +100,6 @@ def init_weights(model: MaskedAutoencoderViT, path: str, notes: list[str]) -> No
     notes.append(f"initialised from {path}: {len(state) - len(result.unexpected_keys)} tensors loaded"
                  + (f", not in the file (kept fresh): {sorted(result.missing_keys)}" if result.missing_keys else "")
                  + (f", ignored from the file: {sorted(result.unexpected_keys)}" if result.unexpected_keys else ""))
-
-
-def _versions() -> dict[str, str | None]:
-    def v(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": v("timm"),
-            "dali": v("nvidia-dali-cuda130") or v("nvidia-dali-cuda120")}
-
-
-class SetupError(Exception):
-    """The run cannot start (options, data, checkpoint): reported as a message with exit status 2."""
 
 
 def run(cfg: TrainConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
@@ -207,26 +143,9 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
         notes.append(f"--init {cfg.init} not used: the run continues from its checkpoint")
     seed_all(rank_seed(cfg.seed, env.rank))  # per-rank masking stream
 
-    device_kind = "cuda" if env.device.type == "cuda" else "cpu"
-    loader = build_loader(LoaderConfig(
-        data=cfg.data, batch_size=cfg.batch_size, img_size=cfg.img_size, train=True, backend=cfg.data_backend,
-        device=device_kind, num_threads=cfg.data_threads, seed=cfg.seed, random_area=cfg.random_area,
-        random_aspect_ratio=cfg.random_aspect_ratio, shuffle_buffer=cfg.shuffle_buffer,
-    ), env.rank, env.world_size)
-    eval_loader = None
-    if cfg.eval_data and cfg.eval_every:
-        eval_loader = build_loader(LoaderConfig(
-            data=cfg.eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size, img_size=cfg.img_size,
-            train=False, backend=cfg.data_backend, device=device_kind, num_threads=cfg.data_threads, seed=cfg.seed,
-        ), env.rank, env.world_size)
-
+    loader, eval_loader = build_loaders(cfg, env, cfg.img_size, cfg.eval_data if cfg.eval_every else "")
     out = Path(cfg.out)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out / CHECKPOINT_DIR)
-    log = RunLog(out, enabled=env.is_main, display=cfg.display, tensorboard=cfg.tensorboard,
-                 resume_step=resume[1]["step"] if resume else None,
-                 title=f"pretrain {cfg.recipe or cfg.model} -> {cfg.out}")
+    log = open_run_log(cfg, env, resume, title=f"pretrain {cfg.recipe or cfg.model} -> {cfg.out}")
     try:
         precision = resolve_precision(cfg.precision, env.device)
         run_config = {
@@ -236,7 +155,7 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
                 "world_size": env.world_size,
                 "local_world_size": env.local_world_size,
                 "nodes": max(1, env.world_size // env.local_world_size),
-                "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+                "device": device_name(env.device),
                 "precision": precision,
                 "compile": resolve_compile(cfg.compile, env.device),
                 "effective_batch": cfg.effective_batch(env.world_size),
@@ -244,29 +163,13 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
                 "train_samples": manifest.num_samples,
                 "train_classes": manifest.num_classes,
             },
-            "versions": _versions(),
+            "versions": software_versions(),
             "command": list(sys.argv),
         }
-        trainer = Trainer(cfg, model, loader, env, eval_loader, log, run_config)
-        run_config["derived"].update(
-            steps_per_epoch=trainer.steps_per_epoch, total_steps=trainer.total_steps,
-            warmup_steps=trainer.schedule.warmup_steps, train_flops_per_image=trainer.flops_per_image,
-            parameters=sum(p.numel() for p in model.parameters()),
-        )
-        if resume is not None:
-            path, state = resume
-            saved = TrainConfig.from_dict(state["config"]["train"])
-            diff = saved.differences(cfg)
-            if diff:
-                notes.append("resuming with changed settings (the run is no longer the one it started as): "
-                             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-            trainer.load_state_dict(state)
-            notes.append(f"resumed from {path} at step {trainer.step} (epoch {loader.epoch})")
-        # Plain JSON types only: checkpoints are read back with torch.load(weights_only=True).
-        run_config = json.loads(json.dumps(run_config))
-        trainer.run_config = run_config
-        if env.is_main:
-            atomic_write_json(out / CONFIG_NAME, run_config)
+        task = MaskedAutoencoderTask(model, cfg.mask_ratio, cfg.weight_decay, cfg.betas)
+        trainer = Trainer(cfg, task, loader, env, eval_loader, log, run_config)
+        start_trainer(trainer, run_config, resume, notes, out, env,
+                      parameters=sum(p.numel() for p in model.parameters()))
         _summary(log, cfg, trainer, manifest.num_samples, manifest.num_classes, notes)
         return trainer, log
     except BaseException:
@@ -299,23 +202,7 @@ def _summary(log: RunLog, cfg: TrainConfig, t: Trainer, samples: int, classes: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = check(argv)
-    except (ValueError, FileNotFoundError, ShardFormatError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
-    env = init_distributed(cfg.device)
-    # Handlers go in before the (slow) build, so an early SIGTERM still ends in a checkpoint and exit 0.
-    stop = StopRequest(env)
-    try:
-        return run(cfg, env, stop)
-    except SetupError as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        stop.restore()
-        destroy_distributed()
+    return protocol_main("pretrain", list(sys.argv[1:] if argv is None else argv), check, run)
 
 
 if __name__ == "__main__":

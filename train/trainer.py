@@ -1,10 +1,15 @@
-"""The pre-training loop: `Trainer.train_step` (one optimiser step) and `Trainer.train` (epochs, logging,
-checkpoints, pre-emption, evaluation), with one `state_dict` that holds everything an exact resume needs.
+"""The training loop of every protocol: `Trainer.train_step` (one optimiser step) and `Trainer.train` (epochs,
+logging, checkpoints, pre-emption, evaluation), with one `state_dict` that holds everything an exact resume needs.
+
+What is trained is a `train.task.Task`: it owns the model, computes the loss and the logged numbers of a batch,
+builds the optimiser and evaluates (MaskedAutoencoderTask for pre-training, FinetuneTask, LinearProbeTask). The
+loop, its accounting and its files are the same for all of them.
 
 Hot-path rules (the original MAE loop synced the host every step; this one does not):
   * losses, gradient norms and non-finite counts accumulate in device tensors and are read once per log
     interval (one all-reduce + one host copy);
-  * a non-finite step is skipped on the device by the fused AdamW (`found_inf`), never by a host `if`;
+  * a non-finite step is skipped on the device, never by a host `if`: by the fused AdamW (`found_inf`), or for
+    optimisers without that protocol (LARS) by putting the parameters and optimiser state back with `torch.where`;
   * the stop request of SIGTERM / SIGUSR1 is agreed on through an asynchronous gloo all-reduce of a host flag;
   * the learning rate is a host float computed from the step counter.
 """
@@ -12,6 +17,7 @@ Hot-path rules (the original MAE loop synced the host every step; this one does 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,21 +30,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.mae import MaskedAutoencoderViT
+from pipeline.fileio import atomic_path
 from pipeline.loader import Batch, Loader
 from train.checkpoint import (
+    CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     prune_checkpoints,
     save_checkpoint,
 )
-from train.config import TrainConfig
+from train.config import LoopConfig
 from train.distributed import DistEnv, StopRequest, control_group, gather_objects, rng_state, set_rng_state
 from train.hardware import peak_tflops
 from train.metrics import IntervalNumbers, RunLog, eval_record, peak_memory_gb, train_record
-from train.optim import CosineSchedule, build_optimizer, set_lr, skip_if
+from train.optim import CosineSchedule, skip_if
+from train.task import MaskedAutoencoderTask, Task
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _NO_BAD_STEP = 2**62
+BEST_NAME = "best.pt"  # OUT/checkpoints/best.pt: the checkpoint of the best evaluation (never pruned or resumed)
 
 
 class NonFiniteError(RuntimeError):
@@ -78,32 +88,40 @@ class Compute:
 
 
 class Trainer:
-    """One process's share of a pre-training run.
+    """One process's share of a training run.
 
-    model: the bare MaskedAutoencoderViT (the trainer moves it to the device and wraps it with DDP / compile).
-    loader: this rank's training loader (pipeline.loader protocol). eval_loader: held-out data for the head's
-    top-1 (optional). log: rank 0's RunLog (None = record nothing, e.g. benchmarks).
+    task: what is trained (train.task.Task); a bare MaskedAutoencoderViT is trained as MaskedAutoencoderTask with
+    cfg's mask ratio and AdamW settings. The trainer moves the task's model to the device and wraps it with DDP /
+    compile. cfg: the loop settings (train.config.LoopConfig: TrainConfig, FinetuneConfig, LinprobeConfig).
+    loader: this rank's training loader (pipeline.loader protocol). eval_loader: held-out data for the task's
+    evaluation (optional). log: rank 0's RunLog (None = record nothing, e.g. benchmarks).
     """
 
-    def __init__(self, cfg: TrainConfig, model: MaskedAutoencoderViT, loader: Loader, env: DistEnv | None = None,
+    def __init__(self, cfg: LoopConfig, task: Task | MaskedAutoencoderViT, loader: Loader, env: DistEnv | None = None,
                  eval_loader: Loader | None = None, log: RunLog | None = None, run_config: dict | None = None):
+        if not isinstance(task, Task):
+            task = MaskedAutoencoderTask(task, cfg.mask_ratio, cfg.weight_decay, cfg.betas)
+        self.task = task
         self.cfg = cfg
         self.env = env or DistEnv()
         self.device = self.env.device
         self.loader = loader
         self.eval_loader = eval_loader
         self.log = log
-        self.run_config = run_config if run_config is not None else {"train": cfg.to_dict(),
-                                                                       "model": model.cfg.to_dict()}
+        if run_config is None:
+            run_config = {"train": cfg.to_dict()}
+            if hasattr(task.model, "cfg"):
+                run_config["model"] = task.model.cfg.to_dict()
+        self.run_config = run_config
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = DTYPES[self.precision]
         self.compiled = resolve_compile(cfg.compile, self.device)
 
         if cfg.sync_bn and self.env.distributed and self.device.type != "cuda":
             raise ValueError("--sync-bn needs GPUs: SyncBatchNorm has no CPU implementation")
-        if cfg.sync_bn and self.env.distributed and model.cls_head is not None:
-            model.cls_head = nn.SyncBatchNorm.convert_sync_batchnorm(model.cls_head)
-        self.model = model.to(self.device)
+        task.model.to(self.device)
+        task.setup(self.env, cfg.sync_bn)
+        self.model = task.model
         self.model.train()
         self.ddp: DistributedDataParallel | None = None
         forward: nn.Module = self.model
@@ -125,7 +143,9 @@ class Trainer:
         self.peak_lr = cfg.peak_lr(self.world_size)
         self.schedule = CosineSchedule(self.peak_lr, min(cfg.min_lr, self.peak_lr),
                                        round(cfg.warmup_epochs * self.steps_per_epoch), self.total_steps)
-        self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay, cfg.betas)
+        self.optimizer = task.build_optimizer(self.peak_lr)
+        # Fused optimisers skip a step on the device through `found_inf` (the protocol GradScaler uses with them).
+        self._skips_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # BatchNorm running statistics change in the forward pass, before anyone knows whether the step is
@@ -134,7 +154,7 @@ class Trainer:
         self._bn_buffers = [b for m in self.model.modules() if isinstance(m, norms)
                             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self._bn_snapshot = [b.clone() for b in self._bn_buffers]
-        self.flops_per_image = self.model.train_flops_per_image(cfg.mask_ratio)
+        self.flops_per_image = task.train_flops_per_image()
         self.peak_tflops = peak_tflops(self.device, self.amp_dtype)
 
         self.step = 0
@@ -153,21 +173,28 @@ class Trainer:
 
     def _reset_device_accumulators(self) -> None:
         dev = self.device
-        # [loss, rec_loss, cls_loss, finite micro-batches, grad-norm sum, finite steps]
-        self._sums = torch.zeros(6, dtype=torch.float64, device=dev)
+        # [the task's logged numbers (loss first)..., finite micro-batches, grad-norm sum, finite steps]
+        self._sums = torch.zeros(len(self.task.logged) + 3, dtype=torch.float64, device=dev)
         self._bad_count = torch.zeros((), dtype=torch.int64, device=dev)
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of this run's forward passes (none in fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _set_lr(self, lr: float) -> None:
+        # A param group's "lr_scale" (layer-wise decay of fine-tuning) scales the schedule's value.
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimiser step over `batches` (accum_steps micro-batches). Never reads a device value."""
         cfg = self.cfg
+        k = len(self.task.logged)
         self._lr = self.schedule(self.step)
-        set_lr(self.optimizer, self._lr)
+        self._set_lr(self._lr)
         n = len(batches)
         loss_fail = torch.zeros((), dtype=torch.bool, device=self.device)
         for saved, buf in zip(self._bn_snapshot, self._bn_buffers, strict=True):
@@ -176,17 +203,14 @@ class Trainer:
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = contextlib.nullcontext() if (self.ddp is None or i == n - 1) else self.ddp.no_sync()
             with sync:
-                images = b.images.to(self.device, non_blocking=True)
-                labels = b.labels.to(self.device, non_blocking=True)
-                with self._autocast():
-                    out = self.forward(images, labels, mask_ratio=cfg.mask_ratio)
-                loss = out.loss / n
+                with self.autocast():
+                    loss, logged = self.task.forward_loss(self.forward, b, self.device)
+                loss = loss / n
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            cls = out.cls_loss if out.cls_loss is not None else torch.zeros((), device=self.device)
-            vals = torch.stack([out.loss.detach(), out.rec_loss.detach(), cls.detach()]).double()
+            vals = logged.detach().double()
             finite = torch.isfinite(vals).all()
-            self._sums[:3] += torch.where(finite, vals, 0.0)
-            self._sums[3] += finite
+            self._sums[:k] += torch.where(finite, vals, 0.0)
+            self._sums[k] += finite
             loss_fail |= ~finite
 
         if self.scaler is not None:
@@ -202,21 +226,43 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             fail = loss_fail
-        else:
+        elif self._skips_on_device:
             skip_if(self.optimizer, bad.float())
             self.optimizer.step()
             fail = bad  # identical on every rank: the gradients were all-reduced
+        else:
+            self._step_unless(bad)
+            fail = bad
         self.optimizer.zero_grad(set_to_none=True)
         for buf, saved in zip(self._bn_buffers, self._bn_snapshot, strict=True):
             buf.copy_(torch.where(bad, saved, buf))
+        self.task.after_step()
 
-        self._sums[4] += torch.where(bad, 0.0, gnorm.double())
-        self._sums[5] += ~bad
+        self._sums[k + 1] += torch.where(bad, 0.0, gnorm.double())
+        self._sums[k + 2] += ~bad
         self._bad_count += fail
         self._first_bad = torch.where(fail & (self._first_bad == _NO_BAD_STEP), self._step_t, self._first_bad)
         self._step_t += 1
         self.step += 1
         self.compute.images += sum(b.num_valid for b in batches) * self.world_size
+
+    def _step_unless(self, bad: torch.Tensor) -> None:
+        """`optimizer.step()`, undone on the device where `bad` (0-d bool) for optimisers without `found_inf`:
+        parameters and tensor state are put back (state created by this step is zeroed, which for momentum
+        buffers equals "not created yet"). Copies every trainable tensor: meant for small ones (probe heads)."""
+        saved = [p.detach().clone() for p in self.params]
+        state = self.optimizer.state
+        saved_state = {id(p): {k: v.clone() for k, v in state[p].items() if torch.is_tensor(v)}
+                       for p in self.params if p in state}
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old in zip(self.params, saved, strict=True):
+                p.copy_(torch.where(bad, old, p))
+                before = saved_state.get(id(p), {})
+                for key, value in state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        old_value = before.get(key)
+                        value.copy_(torch.where(bad, old_value if old_value is not None else 0, value))
 
     # ------------------------------------------------------------------------------------------------------------
     # The loop
@@ -298,13 +344,15 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         """After every epoch: close the log interval, the optional evaluation, a checkpoint (kept for good every
-        --keep-every epochs)."""
+        --keep-every epochs; also kept as best.pt when the evaluation is the task's best so far)."""
         cfg = self.cfg
         epoch = self.loader.epoch  # epochs finished
         self._end_interval()
+        best = False
         if cfg.eval_every and self.eval_loader is not None and epoch % cfg.eval_every == 0:
-            self.evaluate()
-        self.save(permanent_epoch=epoch if cfg.keep_every and epoch % cfg.keep_every == 0 else None)
+            metrics = self.evaluate()
+            best = metrics is not None and self.task.improved(metrics)
+        self.save(permanent_epoch=epoch if cfg.keep_every and epoch % cfg.keep_every == 0 else None, best=best)
 
     # ------------------------------------------------------------------------------------------------------------
     # Log intervals: the one place the host reads device values
@@ -321,21 +369,20 @@ class Trainer:
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)
             dist.all_reduce(host, group=control_group())
         values = torch.cat([sums, counts]).tolist()  # the host sync of this interval
-        loss_s, rec_s, cls_s, n_micro, gsum, n_steps, bad, neg_first = values
+        k = len(self.task.logged)
+        logged_sums, (n_micro, gsum, n_steps, bad, neg_first) = values[:k], values[k:]
         (wait_sum,) = host.tolist()
         bad, first_bad = int(bad), int(-neg_first)
         self.compute.seconds = self._clock()
         self.compute.nonfinite_steps += bad
-        has_cls = self.model.cls_head is not None
+        losses = self.task.interval_losses([v / n_micro if n_micro else float("nan") for v in logged_sums])
         rec = train_record(IntervalNumbers(
             step=self.step,
             epoch=self.step / self.steps_per_epoch,
             images=self.compute.images,
             flops=self.compute.images * self.flops_per_image,
             device_hours=self.compute.seconds * self.world_size / 3600,
-            loss=loss_s / n_micro if n_micro else float("nan"),
-            rec_loss=rec_s / n_micro if n_micro else float("nan"),
-            cls_loss=(cls_s / n_micro if n_micro else float("nan")) if has_cls else None,
+            **losses,
             lr=self._lr,
             grad_norm=gsum / n_steps if n_steps else float("nan"),
             interval_steps=self.step - self._interval_step0,
@@ -377,50 +424,32 @@ class Trainer:
         raise NonFiniteError(msg, first_bad + 1, n, path)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Evaluation: the SupMAE head's top-1 on held-out data (all patches visible, BatchNorm in eval mode)
+    # Evaluation: the task's (SupMAE head's top-1, a classifier's top-1 / top-5), logged as an "eval" record
 
-    def evaluate(self) -> float:
-        """Top-1 of the classification head over the eval loader's epoch (all ranks; padding not counted)."""
+    def evaluate(self) -> dict[str, Any] | None:
+        """The task's metrics on the eval loader's epoch (all ranks; padding not counted), recorded in metrics.jsonl;
+        None when there is no eval loader or the task evaluates nothing."""
+        if self.eval_loader is None:
+            return None
         t0 = time.monotonic()
         try:
-            return self._evaluate()
+            if self.ddp is not None:
+                # BatchNorm running statistics moved locally in the last forward (DDP broadcasts rank 0's only at
+                # the next one): every rank evaluates rank 0's model, the one the checkpoint holds.
+                for buf in self.model.buffers():
+                    dist.broadcast(buf, src=0)
+            metrics = self.task.evaluate(self)
+            if metrics is not None and self.log is not None:
+                rec = eval_record(
+                    self.step, self.step / self.steps_per_epoch, self.compute.images,
+                    self.compute.images * self.flops_per_image, self._clock() * self.world_size / 3600,
+                    metrics["top1"], metrics["samples"],
+                )
+                rec.update((k, v) for k, v in metrics.items() if k not in rec)  # e.g. top5, loss, ema_top1
+                self.log.record(rec)
         finally:
             self._rate_excluded += time.monotonic() - t0
-
-    @torch.no_grad()
-    def _evaluate(self) -> float:
-        model = self.model
-        model.eval()
-        try:
-            correct = torch.zeros((), dtype=torch.int64, device=self.device)
-            seen = 0
-            num_patches = model.cfg.num_patches
-            for b in self.eval_loader:
-                images = model.as_nhwc(b.images.to(self.device, non_blocking=True))
-                labels = b.labels.to(self.device, non_blocking=True)
-                ids = torch.arange(num_patches, device=self.device).expand(images.shape[0], -1)
-                with self._autocast():
-                    latent = model.forward_encoder(images, ids)
-                    logits = model.cls_head(model.forward_features(latent))
-                hit = logits.argmax(dim=-1) == labels
-                if b.valid is not None:
-                    hit &= b.valid.to(self.device)
-                correct += hit.sum()
-                seen += b.num_valid
-            totals = torch.tensor([seen], dtype=torch.int64)
-            if self.env.distributed:
-                dist.all_reduce(correct)
-                dist.all_reduce(totals, group=control_group())
-            top1 = correct.item() / max(1, int(totals.item()))
-        finally:
-            model.train()
-        if self.log is not None:
-            self.log.record(eval_record(
-                self.step, self.step / self.steps_per_epoch, self.compute.images,
-                self.compute.images * self.flops_per_image, self._clock() * self.world_size / 3600, top1,
-                int(totals.item()),
-            ))
-        return top1
+        return metrics
 
     # ------------------------------------------------------------------------------------------------------------
     # State
@@ -460,6 +489,7 @@ class Trainer:
             },
             "config": self.run_config,
             "time": time.time(),
+            **({"task": task_state} if (task_state := self.task.state_dict()) else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -472,6 +502,7 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.task.load_state_dict(state.get("task", {}))
         if self.scaler is not None:
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -494,16 +525,21 @@ class Trainer:
         self._saved_step = self.step
         self._restart_rate_window()
 
-    def save(self, permanent_epoch: int | None = None) -> Path | None:
-        """Write a checkpoint of the current state (collective); prune old ones. Returns the path on rank 0."""
+    def save(self, permanent_epoch: int | None = None, best: bool = False) -> Path | None:
+        """Write a checkpoint of the current state (collective); prune old ones; with `best` also as best.pt.
+        Returns the path on rank 0."""
         t0 = time.monotonic()
         state = self.state_dict()
         path = None
         if self.env.is_main:
-            folder = Path(self.cfg.out) / "checkpoints"
+            folder = Path(self.cfg.out) / CHECKPOINT_DIR
             path = save_checkpoint(state, folder, self.step, permanent_epoch)
             removed = prune_checkpoints(folder, self.cfg.keep)
             self._say(f"checkpoint {path}" + (f" (removed {len(removed)} old)" if removed else ""))
+            if best:
+                with atomic_path(folder / BEST_NAME) as tmp:
+                    shutil.copyfile(path, tmp)
+                self._say(f"best so far: {folder / BEST_NAME} (step {self.step})")
         self.last_checkpoint = path
         self._saved_step = self.step
         self._rate_excluded += time.monotonic() - t0

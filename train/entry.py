@@ -1,0 +1,202 @@
+"""What every protocol's per-process entry shares (`train.pretrain`, `train.finetune`, `train.linprobe`,
+`train.knn`): the main() wrapper with its exit statuses, the choice of the checkpoint to resume, the run folder's
+start-up checks, and the software versions recorded in config.json.
+
+Exit statuses: 0 = done (schedule finished, --max-steps, or stopped by SIGTERM/SIGUSR1 after checkpointing);
+1 = stopped by non-finite steps (after checkpointing); 2 = invalid configuration, data or checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.fileio import atomic_write_json
+from pipeline.loader import Loader, LoaderConfig, build_loader
+from pipeline.shard_format import Manifest, ShardFormatError
+from train.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    remove_stale_temporaries,
+)
+from train.config import LoopConfig
+from train.distributed import DistEnv, StopRequest, broadcast_object, destroy_distributed, init_distributed
+from train.metrics import RunLog
+
+if TYPE_CHECKING:
+    from train.trainer import Trainer
+
+CONFIG_NAME = "config.json"
+
+
+class SetupError(Exception):
+    """The run cannot start (options, data, checkpoint): reported as a message with exit status 2."""
+
+
+def protocol_main(name: str, argv: list[str], check: Callable[[list[str]], Any],
+                  run: Callable[[Any, DistEnv, StopRequest], int]) -> int:
+    """Validate `argv` (`check` -> config), join the process group, run; errors before the work starts become a
+    one-line message `NAME: error: ...` and exit status 2."""
+    try:
+        cfg = check(argv)
+    except (ValueError, FileNotFoundError, ShardFormatError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    env = init_distributed(cfg.device)
+    # Handlers go in before the (slow) build, so an early SIGTERM still ends in a checkpoint and exit 0.
+    stop = StopRequest(env)
+    try:
+        return run(cfg, env, stop)
+    except SetupError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        stop.restore()
+        destroy_distributed()
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """`folder` can be created or written (checked on its nearest existing ancestor), before any work is done."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {folder}: {path} is not writable; choose another folder with --out")
+
+
+def check_run_folder(cfg: LoopConfig) -> None:
+    """A new run must not land on an old one's checkpoints; an explicit --resume file must exist."""
+    existing = list_checkpoints(Path(cfg.out) / CHECKPOINT_DIR)
+    if cfg.resume == "" and existing:
+        raise ValueError(f"{cfg.out} already holds checkpoints (newest: {existing[-1].path.name}); continue that run "
+                         "with --resume auto, or choose another --out")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint file")
+
+
+def check_class_maps(train: Manifest, other: Manifest, what: str) -> None:
+    """`other`'s class indices must mean what they mean in the training data (shard it with --class-map)."""
+    mine = [c.wnid for c in train.classes]
+    theirs = [c.wnid for c in other.classes]
+    if theirs != mine[: len(theirs)]:
+        raise ValueError(f"{what} numbers its classes differently from the training data ({theirs[:3]}... vs "
+                         f"{mine[:3]}...): shard it with `./launch.sh shard ... --class-map TRAIN_SHARDS`")
+
+
+def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str]) -> tuple[str, dict] | None:
+    """(path, contents) of the checkpoint to continue from, the same on every rank; None for a new run.
+
+    Rank 0 picks the file (newest valid one for "auto") and tells the others, so all ranks load the same step.
+    """
+    if cfg.resume == "":
+        return None
+    choice: Any = None
+    state = None
+    if env.is_main:
+        try:
+            if cfg.resume == "auto":
+                folder = Path(cfg.out) / CHECKPOINT_DIR
+                found = latest_checkpoint(folder, warn=notes.append)
+                if found is not None:
+                    choice, state = str(found[0]), found[1]
+                elif list_checkpoints(folder):
+                    raise ValueError(f"--resume auto: none of the checkpoints in {folder} can be read ("
+                                     + "; ".join(notes) + "); move them away to start a new run")
+            else:
+                choice, state = cfg.resume, read_checkpoint(cfg.resume)
+        except (ValueError, FileNotFoundError) as e:
+            choice = e
+    choice = broadcast_object(choice if not isinstance(choice, Exception) else ("error", str(choice)), env)
+    if isinstance(choice, tuple):
+        raise ValueError(choice[1])
+    if choice is None:
+        notes.append(f"--resume auto: no checkpoint in {Path(cfg.out) / CHECKPOINT_DIR}, starting a new run")
+        return None
+    if state is None:
+        state = read_checkpoint(choice)
+    return choice, state
+
+
+def resume_note(cfg: LoopConfig, state: dict[str, Any]) -> str | None:
+    """A warning listing the settings that differ from those the checkpoint's run started with (None if none)."""
+    saved = type(cfg).from_dict(state["config"]["train"])
+    diff = saved.differences(cfg)
+    if not diff:
+        return None
+    return ("resuming with changed settings (the run is no longer the one it started as): "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+def start_trainer(trainer: Trainer, run_config: dict[str, Any], resume: tuple[str, dict] | None, notes: list[str],
+                  out: Path, env: DistEnv, **derived: Any) -> None:
+    """The common end of a protocol's build: the schedule's numbers (and `derived`) into run_config["derived"], the
+    resumed state loaded (settings that changed are noted), config.json written by rank 0."""
+    run_config["derived"].update(
+        steps_per_epoch=trainer.steps_per_epoch, total_steps=trainer.total_steps,
+        warmup_steps=trainer.schedule.warmup_steps, train_flops_per_image=trainer.flops_per_image, **derived,
+    )
+    if resume is not None:
+        path, state = resume
+        note = resume_note(trainer.cfg, state)
+        if note:
+            notes.append(note)
+        trainer.load_state_dict(state)
+        notes.append(f"resumed from {path} at step {trainer.step} (epoch {trainer.loader.epoch})")
+    # Plain JSON types only: checkpoints are read back with torch.load(weights_only=True).
+    trainer.run_config = json.loads(json.dumps(run_config))
+    if env.is_main:
+        atomic_write_json(out / CONFIG_NAME, trainer.run_config)
+
+
+def build_loaders(cfg: LoopConfig, env: DistEnv, img_size: int, eval_data: str = "",
+                  **augment: Any) -> tuple[Loader, Loader | None]:
+    """This rank's training loader (random-resized crop, flip, `augment`) and, when `eval_data` is given, its eval
+    loader (resize + centre crop, every sample once), both on the run's device."""
+    device_kind = "cuda" if env.device.type == "cuda" else "cpu"
+    loader = build_loader(LoaderConfig(
+        data=cfg.data, batch_size=cfg.batch_size, img_size=img_size, train=True, backend=cfg.data_backend,
+        device=device_kind, num_threads=cfg.data_threads, seed=cfg.seed, random_area=cfg.random_area,
+        random_aspect_ratio=cfg.random_aspect_ratio, shuffle_buffer=cfg.shuffle_buffer, **augment,
+    ), env.rank, env.world_size)
+    if not eval_data:
+        return loader, None
+    eval_loader = build_loader(LoaderConfig(
+        data=eval_data, batch_size=cfg.eval_batch_size or cfg.batch_size, img_size=img_size, train=False,
+        backend=cfg.data_backend, device=device_kind, num_threads=cfg.data_threads, seed=cfg.seed,
+    ), env.rank, env.world_size)
+    return loader, eval_loader
+
+
+def open_run_log(cfg: LoopConfig, env: DistEnv, resume: tuple[str, dict] | None, title: str) -> RunLog:
+    """The run folder made (rank 0; temporaries of a killed checkpoint write removed) and its log opened."""
+    out = Path(cfg.out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out / CHECKPOINT_DIR)
+    return RunLog(out, enabled=env.is_main, display=cfg.display, tensorboard=cfg.tensorboard,
+                  resume_step=resume[1]["step"] if resume else None, title=title)
+
+
+def software_versions() -> dict[str, str | None]:
+    def v(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": v("timm"),
+            "dali": v("nvidia-dali-cuda130") or v("nvidia-dali-cuda120")}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
