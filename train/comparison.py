@@ -319,15 +319,13 @@ class _Evaluator:
         self._loaders: dict[tuple[int, str], Any] = {}
 
     def _knn_loaders(self, img_size: int, backend: str, threads: int) -> tuple[Any, Any]:
-        from pipeline.loader import LoaderConfig, build_loader
+        from train.entry import build_eval_loader
 
         key = (img_size, backend)
         if key not in self._loaders:
-            device = "cuda" if self.env.device.type == "cuda" else "cpu"
-            self._loaders[key] = tuple(build_loader(LoaderConfig(
-                data=data, batch_size=self.cfg.eval_batch_size, img_size=img_size, train=False, backend=backend,
-                device=device, num_threads=threads, seed=self.cfg.seed)) for data in (self.cfg.data,
-                                                                                       self.cfg.eval_data))
+            self._loaders[key] = tuple(build_eval_loader(data, self.cfg.eval_batch_size, img_size, backend, threads,
+                                                         self.cfg.seed, self.env)
+                                       for data in (self.cfg.data, self.cfg.eval_data))
         return self._loaders[key]
 
     def knn(self, run: PlannedRun, checkpoint: Path) -> dict[str, Any]:

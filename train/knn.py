@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.mae import MaskedAutoencoderViT
-from pipeline.loader import Loader, LoaderConfig, build_loader
+from pipeline.loader import Loader
 from pipeline.shard_format import load_manifest
 from train.accuracy import TopKCounter
 from train.config import LAUNCHER_HELP, RunConfig, options_help, parse_overrides
@@ -54,6 +54,7 @@ from train.encoder import (
 )
 from train.entry import (
     SetupError,
+    build_eval_loader,
     check_class_maps,
     check_writable,
     device_name,
@@ -312,12 +313,8 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
         seed_all(cfg.seed)
         source = cfg.source(cfg.seed, warn=lambda m: print(f"knn: {m}", file=sys.stderr))
         img_size = cfg.img_size or source.model_cfg.img_size
-        device_kind = "cuda" if env.device.type == "cuda" else "cpu"
-        loaders = [build_loader(LoaderConfig(
-            data=data, batch_size=batch, img_size=img_size, train=False, backend=cfg.data_backend,
-            device=device_kind, num_threads=cfg.data_threads, seed=cfg.seed,
-        ), env.rank, env.world_size) for data, batch in ((cfg.data, cfg.batch_size),
-                                                          (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
+        loaders = [build_eval_loader(data, batch, img_size, cfg.data_backend, cfg.data_threads, cfg.seed, env)
+                   for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
     result = knn_eval(source, loaders[0], loaders[1], cfg.settings(env.device), env, cfg.img_size)

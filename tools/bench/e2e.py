@@ -36,7 +36,7 @@ import torch
 
 from model.config import model_config
 from tools.bench.model import load_note, start_load, time_train_step
-from tools.bench.report import BenchReport
+from tools.bench.report import BenchReport, spread_text
 from train.config import TrainConfig, build_config, parse_overrides
 from train.distributed import DistEnv, resolve_device
 from train.step_timing import StepSetup
@@ -193,10 +193,6 @@ def step_setup(cfg: TrainConfig, run_config: dict[str, Any]) -> ConfigStepSetup:
                            if cfg.device != "auto" else None, model_args=tuple(sorted(model.items())))
 
 
-def _spread(values: list[float]) -> str:
-    med = statistics.median(values)
-    return f"±{(max(values) - min(values)) / 2 / med:.1%}" if med else "-"
-
 
 def run(args: argparse.Namespace) -> BenchReport:
     e = config_from_args(args)
@@ -218,7 +214,7 @@ def run(args: argparse.Namespace) -> BenchReport:
         mfus = [w["mfu"] for w in wins if w["mfu"] is not None]
         report.add_row(**{
             "model": cfg.recipe or cfg.model, "config": f"{setup.describe()} {cfg.data_backend}", "batch":
-            cfg.batch_size, "steps": e.steps * len(wins), "images/s": ips, "spread": _spread(rates),
+            cfg.batch_size, "steps": e.steps * len(wins), "images/s": ips, "spread": spread_text(rates),
             "data wait": f"{100 * statistics.median(w['data_wait'] for w in wins):.1f}%",
             "model images/s": model_ips, "model spread": model_row["spread"],
             "e2e / model": ips / model_ips, "TFLOP/s": statistics.median(w["tflops"] for w in wins),

@@ -83,6 +83,12 @@ class Timing:
         return items_per_call / self.median
 
 
+def spread_text(values: list[float]) -> str:
+    """"±x.x%": the spread of `values` as `Timing.spread` defines it ("-" when their median is 0)."""
+    timing = Timing(list(values))
+    return f"±{timing.spread:.1%}" if timing.median else "-"
+
+
 def time_calls(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], Any] | None = None) -> Timing:
     """Call `fn` `warmup` times untimed, then time `repeats` calls; `sync` (e.g. cuda.synchronize) ends each."""
     if repeats < 1:

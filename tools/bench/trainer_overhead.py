@@ -24,7 +24,7 @@ import torch
 
 from pipeline.loader import Batch
 from pipeline.memory_loader import InMemoryLoader
-from tools.bench.report import BenchReport
+from tools.bench.report import BenchReport, spread_text
 from train.config import TrainConfig
 from train.distributed import DistEnv
 from train.metrics import RunLog
@@ -93,10 +93,6 @@ def paired_times(setup: StepSetup, steps: int, warmup: int, log_every: int) -> P
     return PairedTimes(times.bare[warmup:total], times.trainer[warmup:total])
 
 
-def _spread(values: list[float]) -> str:
-    med = statistics.median(values)
-    return f"±{(max(values) - min(values)) / 2 / med:.1%}" if med else "-"
-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,7 +126,7 @@ def run(args: argparse.Namespace) -> BenchReport:
             "bare ms": 1e3 * statistics.median(t.bare), "trainer ms": 1e3 * statistics.median(t.trainer),
             "overhead (total)": f"{sum(t.trainer) / sum(t.bare) - 1:+.1%}",
             "overhead (median pair)": f"{statistics.median(ratios) - 1:+.1%}",
-            "bare spread": _spread(t.bare)})
+            "bare spread": spread_text(t.bare)})
     report.notes.append("Pairs of one bare step (TrainStep: zero_grad, forward, backward, fused AdamW) and one "
                         "iteration of Trainer.train() on the same synthetic batch (same model, optimiser settings, "
                         "inputs), alternating, so that load on a shared machine hits both alike.")
