@@ -16,7 +16,7 @@ Each sample is four adjacent tar members sharing one key (letters, digits, `_`, 
     KEY.lbl    class index, 8-byte little-endian int64 (DALI reads it with dtypes=INT64; a text .cls comes out
                of DALI as ragged bytes that cannot be batched)
     KEY.json   {"src": path relative to the source, "wnid", "width", "height", "reencoded": bool, ...}; the sharding
-               tool adds "sha256" of the jpg member (docs/sharding.md)
+               tool adds "crc32" of the jpg member, 8 hex digits (docs/sharding.md)
 
 Tar headers are fixed (mtime 0, uid/gid 0, empty user/group names, mode 0644, ustar), so the same samples in the
 same order give byte-identical shards.
@@ -33,12 +33,13 @@ import os
 import re
 import struct
 import tarfile
+import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.fileio import atomic_write_json, tmp_path_for
+from pipeline.fileio import atomic_write_json, start_writeback, tmp_path_for
 
 FORMAT_NAME = "supmae-wds"
 FORMAT_VERSION = 1
@@ -59,6 +60,9 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_KEY_LEN = 90
 TAR_BLOCK = 512
 TAR_RECORD = 10240
+# Start the disk write-back of a shard every this many bytes, so that its closing fsync finds little left to write.
+WRITEBACK_BYTES = 1 << 20
+_META_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=True)  # one encoder: json.dumps builds one per call
 
 VERIFY_HINT = "run `./launch.sh shard --verify {root}` to check the shards, then re-shard what it reports"
 
@@ -84,6 +88,16 @@ def check_key(key: str) -> str:
             "(DALI splits the extension at the first dot and its index breaks on spaces)"
         )
     return key
+
+
+def image_checksum(jpeg: bytes) -> str:
+    """The "crc32" of a sample's json: CRC-32 of its jpg member, 8 hex digits.
+
+    It lets --verify name the sample of a damaged byte (the shard's sha256 in the manifest only names the shard).
+    CRC-32 catches any burst error up to 32 bits and random damage with probability 1 - 2**-32, which is all this
+    needs, at less than half the cost of a second sha256 pass over every image (11 vs 27 ms per 47 MB here).
+    """
+    return f"{zlib.crc32(jpeg):08x}"
 
 
 def encode_label(label: int) -> bytes:
@@ -160,6 +174,7 @@ class ShardWriter:
         self._file = open(self._tar_tmp, "wb")
         self._sha = hashlib.sha256()
         self._offset = 0
+        self._written_back = 0  # bytes whose write-back has been started
         self._index_lines: list[str] = []
         self._keys: set[str] = set()
         self._closed = False
@@ -176,6 +191,10 @@ class ShardWriter:
         self._file.write(data)
         self._sha.update(data)
         self._offset += len(data)
+        if self._offset - self._written_back >= WRITEBACK_BYTES:
+            self._file.flush()
+            start_writeback(self._file.fileno(), self._written_back, self._offset - self._written_back)
+            self._written_back = self._offset
 
     def _add_member(self, name: str, data: bytes) -> tuple[int, int]:
         self._write(_tar_header(name, len(data)))
@@ -198,7 +217,7 @@ class ShardWriter:
             (IMAGE_EXT, jpeg),
             (CLS_EXT, str(label).encode()),
             (LABEL_EXT, encode_label(label)),
-            (META_EXT, json.dumps(meta, sort_keys=True, ensure_ascii=True).encode()),
+            (META_EXT, _META_JSON.encode(meta).encode()),
         )
         parts = []
         for ext, data in members:
@@ -376,11 +395,25 @@ class Manifest:
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        # Stable, readable key order: identity first, then content.
-        order = ["format", "format_version", "tool_version", "name", "split", "source", "command", "options",
-                 "components", "label_dtype", "classes", "shards", "totals", "skipped", "converted"]
-        return {k: d[k] for k in order}
+        # Stable, readable key order: identity first, then content. Built by hand: dataclasses.asdict deep-copies
+        # every value (3 ms for a thousand classes, a tenth of sharding 500 files under --keep-original).
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "name": self.name,
+            "split": self.split,
+            "source": self.source,
+            "command": list(self.command),
+            "options": dict(self.options),
+            "components": dict(self.components),
+            "label_dtype": self.label_dtype,
+            "classes": [dict(vars(c)) for c in self.classes],
+            "shards": [dict(vars(r)) for r in self.shards],
+            "totals": dict(self.totals),
+            "skipped": [dict(e) for e in self.skipped],
+            "converted": [dict(e) for e in self.converted],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "manifest") -> Manifest:

@@ -5,7 +5,8 @@ Per shard, in one sequential pass (memory: one member at a time):
   * every tar header (checksum), every member against its index entry (name, data offset, size), zero padding,
     the end-of-archive blocks;
   * every sample: components exactly jpg, cls, lbl, json in that order; cls == lbl; label within the class map;
-    json's wnid is the label's class; json's sha256 is the jpg's (this names the sample of a flipped byte);
+    json's wnid is the label's class; json's crc32 is the jpg's (this names the sample of a flipped byte;
+    tool version 1.0 wrote no crc32: its damaged images are found by the shard's sha256 only);
   * with `decode`: every jpg decodes fully as an upright RGB JPEG within the manifest's max-side.
 Across the folder: keys unique, per-class counts, totals (inputs = written + skipped), _info.json.
 """
@@ -30,6 +31,7 @@ from pipeline.shard_format import (
     ShardRecord,
     check_key,
     decode_label,
+    image_checksum,
     load_manifest,
     parse_index,
     split_member_name,
@@ -117,9 +119,8 @@ def _check_sample(task: VerifyTask, check: ShardCheck, key: str, comps: dict[str
         return
     if meta.get("wnid") != task.wnids[label]:
         bad(f"json wnid {meta.get('wnid')!r} is not class {label} ({task.wnids[label]})")
-    want = meta.get("sha256")
-    if want is not None and hashlib.sha256(comps["jpg"]).hexdigest() != want:
-        bad("jpg bytes differ from the sha256 recorded in its json (the image is corrupted)")
+    if "crc32" in meta and image_checksum(comps["jpg"]) != meta["crc32"]:
+        bad("jpg bytes differ from the crc32 recorded in its json (the image is corrupted)")
     if task.decode:
         try:
             im = decode_stored(comps["jpg"])
@@ -300,8 +301,8 @@ def verify(folder: str | Path, decode: bool = False, workers: int = 1, progress:
     wnids = [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)]
     max_side = None if manifest.options.get("max_side") is None else int(manifest.options["max_side"])
     tasks = [VerifyTask(folder, rec, wnids, max_side, decode) for rec in manifest.shards]
-    progress.start(manifest.num_samples, sum(r.bytes for r in manifest.shards), 0, 0)
-    checks = run_tasks(verify_shard, tasks, workers, progress, lambda t: f"verifying {t.record.file}")
+    totals = (manifest.num_samples, sum(r.bytes for r in manifest.shards), 0, 0)
+    checks = run_tasks(verify_shard, tasks, workers, progress, lambda t: f"verifying {t.record.file}", totals)
     for c in checks:
         report.shards += 1
         report.samples += c.samples

@@ -24,3 +24,12 @@ def test_bench_shard_reports_all_rows(tmp_path):
     assert rows["shard, re-encode (default)"]["met"] in (True, False)
     assert "9 files" in report.notes[0]
     assert list(tmp_path.iterdir()) == [tmp_path / "data"]  # scratch folder removed
+
+
+def test_bench_shard_defaults_to_one_shard_per_worker(tmp_path):
+    make_imagefolder(tmp_path / "data", per_class=2, odd=False, bad=False)
+    args = argparse.Namespace(data=str(tmp_path / "data"), workers="1", shard_samples=None, workdir=str(tmp_path),
+                              warmup=0, repeats=1)
+    report = bench_shard.run(args)
+    assert report.settings["shard_samples"] == "one shard per worker"
+    assert "shards: one per worker (files / workers samples each)" in report.notes[1]

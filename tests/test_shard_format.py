@@ -85,3 +85,16 @@ def test_manifest_checks(tiny_shards, tmp_path):
     (folder / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(ShardFormatError, match="format_version 99 is not supported"):
         load_manifest(folder)
+
+
+def test_manifest_to_dict_equals_the_dataclass_fields(tiny_shards):
+    from dataclasses import asdict, fields
+
+    from pipeline.shard_format import Manifest
+
+    _, manifest = tiny_shards
+    manifest.skipped.append({"src": "a/b.jpg", "reason": "truncated"})
+    d = manifest.to_dict()
+    assert set(d) == {f.name for f in fields(Manifest)}  # a new field must be added to to_dict
+    assert d == asdict(manifest)
+    assert list(d)[:3] == ["format", "format_version", "tool_version"]

@@ -10,7 +10,7 @@ import pytest
 
 import pipeline.sharding as sharding
 from pipeline.imageproc import ProcessedImage
-from pipeline.shard_format import parse_index
+from pipeline.shard_format import load_manifest, parse_index, read_samples
 from pipeline.sharding import ShardConfig, run_sharding
 from pipeline.verify import verify
 from tests.shard_testdata import make_imagefolder
@@ -49,7 +49,7 @@ def test_flipped_byte_in_an_image_names_shard_and_sample(out, capsys):
     key = jpg.name.split(".")[0]
     _flip(out / f"{shard}.tar", jpg.offset + jpg.size // 2)
     msgs = _messages(verify(out))
-    assert f"{shard}.tar sample {key}: jpg bytes differ from the sha256 recorded in its json (the image is corrupted)" in msgs
+    assert f"{shard}.tar sample {key}: jpg bytes differ from the crc32 recorded in its json (the image is corrupted)" in msgs
     assert f"{shard}.tar: sha256 differs from the manifest" in msgs
     assert len(msgs) == 2
     assert shard_cli.main(["--verify", str(out), "--no-progress"]) == 1
@@ -99,12 +99,13 @@ def test_missing_index_and_inconsistent_manifest(out):
 
 def test_decode_catches_an_image_that_hashes_right_but_does_not_decode(tmp_path, monkeypatch):
     real = sharding.process_image
-    calls = []
+    calls, broken = [], []
 
     def broken_fourth(data, cfg):
         calls.append(1)
         out = real(data, cfg)
         if len(calls) == 4:
+            broken.append(data)
             return ProcessedImage(out.jpeg[: len(out.jpeg) // 2], out.width, out.height, True, False)
         return out
 
@@ -115,4 +116,7 @@ def test_decode_catches_an_image_that_hashes_right_but_does_not_decode(tmp_path,
     assert verify(tmp_path / "out").ok  # structure and hashes are fine
     msgs = _messages(verify(tmp_path / "out", decode=True))
     assert len(msgs) == 1 and "jpg does not decode: truncated" in msgs[0]
-    assert msgs[0].startswith("t-train-000001.tar sample ")
+    manifest, folder = load_manifest(tmp_path / "out")
+    where = [(rec.file, key) for rec in manifest.shards for key, comps in read_samples(folder / rec.file)
+             if (src / json.loads(comps["json"])["src"]).read_bytes() == broken[0]]
+    assert len(where) == 1 and msgs[0].startswith(f"{where[0][0]} sample {where[0][1]}: ")

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import re
 import sys
+import threading
 import time
 
 from rich.console import Console
@@ -125,13 +126,15 @@ class RichProgress:
         self.task = None
 
     def __enter__(self) -> RichProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def start(self, total_files: int, total_bytes: int, done_files: int, done_bytes: int) -> None:
+        # Called once the workers exist: rich's refresh thread must not be running when they are forked.
+        self.progress.start()
         self.task = self.progress.add_task(self.description, total=total_files, completed=done_files,
                                            run_files=0, run_bytes=0)
 
@@ -139,6 +142,17 @@ class RichProgress:
         t = self.progress.tasks[self.task]
         self.progress.update(self.task, advance=files, run_files=t.fields["run_files"] + files,
                              run_bytes=t.fields["run_bytes"] + nbytes)
+
+
+@contextlib.contextmanager
+def _status(console: Console, text: str):
+    """A spinner whose refresh thread has ended on exit (rich only signals it): workers forked next need a
+    process without other threads (pipeline.sharding.worker_start_method)."""
+    before = set(threading.enumerate())
+    with console.status(text, spinner="dots"):
+        yield
+    for thread in set(threading.enumerate()) - before:
+        thread.join()
 
 
 def _config(args: argparse.Namespace, src: str, out: str) -> ShardConfig:
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args, *args.paths)
         t0 = time.perf_counter()
-        with console.status("listing the source and planning shards", spinner="dots") if progress_on else contextlib.nullcontext():
+        with _status(console, "listing the source and planning shards") if progress_on else contextlib.nullcontext():
             plan = build_plan(cfg)
         console.print(f"{plan.source_kind} source: planned {sum(len(s) for s in plan.shards):,} inputs "
                       f"({len(plan.skipped):,} skipped while listing) into {len(plan.shards):,} shards, "

@@ -46,7 +46,7 @@ COLUMNS = ["method", "files", "workers", "seconds", "cpu_s", "images_per_sec", "
 class BenchShardConfig:
     data: Path
     workers: tuple[int, ...] = (1, 2)
-    shard_samples: int = 50
+    shard_samples: int | None = None  # None: one shard per worker (ceil(files / workers))
     warmup: int = 1
     repeats: int = 5
     workdir: Path | None = None
@@ -57,15 +57,16 @@ class BenchShardConfig:
                              "(e.g. ../shared/data/imagenet-sample-500.tar)")
         if not self.workers or any(w < 1 for w in self.workers):
             raise ValueError(f"--workers must list positive counts, got {self.workers}")
-        if self.shard_samples < 1 or self.repeats < 1 or self.warmup < 0:
+        if (self.shard_samples is not None and self.shard_samples < 1) or self.repeats < 1 or self.warmup < 0:
             raise ValueError("--shard-samples and --repeats must be >= 1, --warmup >= 0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="ImageFolder tree or tar of one (default: %(default)s)")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (default: 1,2)")
-    p.add_argument("--shard-samples", type=int, default=50,
-                   help="samples per shard (default 50: enough shards for every worker on 500 images)")
+    p.add_argument("--shard-samples", type=int, default=None,
+                   help="samples per shard (default: one shard per worker, as large as the files allow: ImageNet's "
+                        "~1,000-image shards amortise the per-shard fsync that 50-image shards would not)")
     p.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
 
 
@@ -140,11 +141,12 @@ def _tar(folder: Path, out: Path, fsync: bool) -> Sample:
     return sample
 
 
-def _shard(cfg: BenchShardConfig, folder: Path, out: Path, image: ImageConfig, workers: int) -> Sample:
+def _shard(cfg: BenchShardConfig, folder: Path, files: int, out: Path, image: ImageConfig, workers: int) -> Sample:
     """The whole sharding call; the previous output is removed outside the timed region."""
     shutil.rmtree(out, ignore_errors=True)
+    per_shard = cfg.shard_samples or -(-files // workers)
     return _timed(lambda: run_sharding(
-        ShardConfig(src=folder, out=out, shard_samples=cfg.shard_samples, workers=workers, image=image)))
+        ShardConfig(src=folder, out=out, shard_samples=per_shard, workers=workers, image=image)))
 
 
 def _decode(jpegs: list[bytes]) -> Sample:
@@ -171,16 +173,12 @@ def _run_rounds(cfg: BenchShardConfig, measurements: dict[str, Callable[[], Samp
 def run(args: argparse.Namespace) -> BenchReport:
     cfg = _config(args)
     default, keep = ImageConfig(), ImageConfig(keep_original=True)
-    report = BenchReport("shard", COLUMNS, settings={
-        "data": str(cfg.data), "shard_samples": cfg.shard_samples, "repeats": cfg.repeats, "warmup": cfg.warmup,
-        "max_side": default.max_side, "quality": default.quality, "rounds": "interleaved",
-    })
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=cfg.workdir) as tmp:
         work = Path(tmp)
         src, qual, n, n_qual, datas = _prepare(cfg, work)
         out, copy = work / "out", work / "copy.tar"
-        run_sharding(ShardConfig(src=src, out=out, shard_samples=cfg.shard_samples, workers=1, image=default))
+        run_sharding(ShardConfig(src=src, out=out, shard_samples=cfg.shard_samples or n, workers=1, image=default))
         stored = [c["jpg"] for r in load_manifest(out)[0].shards for _, c in read_samples(out / r.file)]
 
         m: dict[str, Callable[[], Sample]] = {
@@ -193,12 +191,19 @@ def run(args: argparse.Namespace) -> BenchReport:
         }
         for w in cfg.workers:
             if w > 1:
-                m[f"startup{w}"] = lambda w=w: _timed(lambda: run_tasks(_noop, list(range(w)), w, NullProgress(), str))
-            m[f"reencode{w}"] = lambda w=w: _shard(cfg, src, out, default, w)
-            m[f"keep_qual{w}"] = lambda w=w: _shard(cfg, qual, out, keep, w)
-            m[f"keep_all{w}"] = lambda w=w: _shard(cfg, src, out, keep, w)
+                m[f"startup{w}"] = lambda w=w: _timed(lambda: run_tasks(_noop, list(range(w)), w, NullProgress(), str,
+                                                                     (0, 0, 0, 0)))
+            m[f"reencode{w}"] = lambda w=w: _shard(cfg, src, n, out, default, w)
+            m[f"keep_qual{w}"] = lambda w=w: _shard(cfg, qual, n_qual, out, keep, w)
+            m[f"keep_all{w}"] = lambda w=w: _shard(cfg, src, n, out, keep, w)
         r = _run_rounds(cfg, m)
         shutil.rmtree(out, ignore_errors=True)
+    # Only now: the machine description imports torch, which the sharding command never loads (and a process
+    # holding torch's mappings forks its workers several times slower).
+    report = BenchReport("shard", COLUMNS, settings={
+        "data": str(cfg.data), "shard_samples": cfg.shard_samples or "one shard per worker", "repeats": cfg.repeats, "warmup": cfg.warmup,
+        "max_side": default.max_side, "quality": default.quality, "rounds": "interleaved",
+    })
 
     def row(method: str, key: str, files: int, workers: int = 1, baseline: str | None = None, target: float | None = None):
         x = r[key]
@@ -233,6 +238,7 @@ def run(args: argparse.Namespace) -> BenchReport:
         f"{n} files, {sum(map(len, datas)) / 1e6:.1f} MB; re-encoded (default) images take "
         f"{sum(map(len, stored)) / 1e6:.1f} MB; {n_qual} files qualify to be kept unchanged under --keep-original "
         f"(baseline YCbCr JPEG, longer side <= {default.max_side}, no rotation), the rest are re-encoded",
+        f"shards: {f'{cfg.shard_samples} samples each' if cfg.shard_samples else 'one per worker (files / workers samples each)'}; "
         "shard times are the whole call (listing, planning, worker start-up, fsync of every shard, manifest), files "
         "in the page cache; `tar -cf` does not fsync; ratio = seconds / baseline_s; cpu_s = CPU seconds of this "
         "process and its children (tar, workers), in 10 ms ticks",
