@@ -363,10 +363,16 @@ class WorkerProgress:
 
 def _init_worker(progress_queue, parent_pid: int, parent_only_fds: tuple[int, ...]) -> None:
     WorkerProgress.sink = progress_queue.put
-    # A forked worker shares the parent's descriptors: the lock on OUT must not outlive the parent in a worker.
+    # A forked worker starts with the parent's descriptors and signal handlers (a trainer's SIGTERM/SIGUSR1
+    # checkpoint handlers, say): the lock on OUT must not outlive the parent in a worker, and signals act as they
+    # do on a fresh interpreter (a spawned worker).
     for fd in parent_only_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
     # When the main process dies (kill -9), its workers must stop at once instead of writing on beside a resumed
     # run. Linux: the kernel kills us with the parent; elsewhere (or if that fails) a thread watches the parent.
     # A half-written temporary shard is left behind; the next run removes it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +40,23 @@ def _fd_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _signal_handlers(_: int) -> list[str]:
+    return [str(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+
+
+def _handlers_scenario() -> dict:
+    signal.signal(signal.SIGTERM, lambda *_: None)  # as a trainer's checkpoint-and-exit handler
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    return {"workers": run_tasks(_signal_handlers, [0, 1], 2, NullProgress(), str, (0, 0, 0, 0))}
+
+
+def test_forked_workers_get_fresh_signal_handlers():
+    code = "import json, tests.test_shard_workers as t; print(json.dumps(t._handlers_scenario()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    fresh = [str(signal.default_int_handler), str(signal.SIG_DFL), str(signal.SIG_DFL)]
+    assert json.loads(out)["workers"] == [fresh, fresh]
 
 
 def _fail_on_two(n: int) -> int:
