@@ -60,8 +60,9 @@ def paired_times(setup: StepSetup, steps: int, warmup: int, log_every: int) -> P
         now = time.perf_counter()
         if last_end:
             times.trainer.append(now - last_end[0])
-        # The bare step takes the learning rate the trainer's next step will use, so the two models stay equal: once
-        # their weights diverge, so can their speed on a CPU (denormal activations slowed one of them by 5-10%).
+        # The bare step takes the learning rate the trainer's next step will use, so the two models train alike (not
+        # bit-equal: each draws its own masks). At a fixed lr the bare model drifted into another regime, and on a
+        # CPU its speed with it (denormal activations slowed the trainer's model by 5-10%).
         for g in bare.optimizer.param_groups:
             g["lr"] = trainer.schedule(trainer.step)
         bare()
