@@ -655,12 +655,21 @@ def _prepare_out(cfg: ShardConfig, plan: Plan) -> bool:
         except (ShardFormatError, FileNotFoundError) as e:
             raise _refuse(out, f"has an unreadable manifest ({e})") from e
         diff = _differences(_manifest_fingerprint(manifest), plan.fingerprint)
-        if diff:
+        # Another tool version with the same source and options wrote a complete, readable folder (the manifest
+        # loaded, so its format version is supported): keep it rather than refuse. Its bytes are not this version's
+        # (an unfinished run of another version is refused below: one folder must not mix the two).
+        other_version = bool(diff) and all(d.startswith("tool_version:") for d in diff)
+        if diff and not other_version:
             raise _refuse(out, "holds shards written by a different command (" + "; ".join(diff) + ")")
         try:
             check_shard_files(manifest, out)
         except ShardFormatError as e:
             raise _refuse(out, f"is complete for this command but damaged: {e}") from e
+        if other_version:
+            plan.warnings.append(
+                f"{out} is complete, written with the same options by tool version {manifest.tool_version} (this is "
+                f"{TOOL_VERSION}): kept as it is; --overwrite re-shards it with this version"
+            )
         return True
     elif plan_path.is_file():
         diff = _differences(json.loads(plan_path.read_text()), plan.fingerprint)

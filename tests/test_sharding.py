@@ -213,6 +213,29 @@ def test_refuses_other_command_resumes_same(tree, tmp_path, capsys):
         shard(src, tmp_path / "junk")
 
 
+def test_complete_output_of_another_tool_version_is_kept_an_unfinished_one_refused(tree, tmp_path):
+    src, _ = tree
+    out = tmp_path / "out"
+    shard(src, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tool_version"] = "1.0"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again, m = shard(src, out)
+    assert again.already_complete and m.tool_version == "1.0"
+    assert any("written with the same options by tool version 1.0 (this is" in w for w in again.warnings)
+    with pytest.raises(ShardingError, match=r"different command \(tool_version: '1.0' -> '.+'; quality: 90 -> 80\)"):
+        shard(src, out, image=ImageConfig(quality=80))
+
+    unfinished = tmp_path / "unfinished"
+    shard(src, unfinished)
+    (unfinished / "manifest.json").unlink()  # as if killed before the end
+    (unfinished / STATE_DIR).mkdir()
+    plan = build_plan(ShardConfig(src=src, out=unfinished, shard_samples=4))
+    (unfinished / STATE_DIR / "plan.json").write_text(json.dumps({**plan.fingerprint, "tool_version": "1.0"}))
+    with pytest.raises(ShardingError, match=r"holds an unfinished run of a different command \(tool_version: '1.0' -> '.+'\)"):
+        shard(src, unfinished)
+
+
 def test_strict_exit_code(tree, tmp_path):
     src, _ = tree
     args = [str(src), str(tmp_path / "o"), "--workers", "1", "--no-progress"]
