@@ -201,8 +201,8 @@ def run(args: argparse.Namespace) -> BenchReport:
     # Only now: the machine description imports torch, which the sharding command never loads (and a process
     # holding torch's mappings forks its workers several times slower).
     report = BenchReport("shard", COLUMNS, settings={
-        "data": str(cfg.data), "shard_samples": cfg.shard_samples or "one shard per worker", "repeats": cfg.repeats, "warmup": cfg.warmup,
-        "max_side": default.max_side, "quality": default.quality, "rounds": "interleaved",
+        "data": str(cfg.data), "shard_samples": cfg.shard_samples or "one shard per worker", "repeats": cfg.repeats,
+        "warmup": cfg.warmup, "max_side": default.max_side, "quality": default.quality, "rounds": "interleaved",
     })
 
     def row(method: str, key: str, files: int, workers: int = 1, baseline: str | None = None, target: float | None = None):
@@ -238,7 +238,8 @@ def run(args: argparse.Namespace) -> BenchReport:
         f"{n} files, {sum(map(len, datas)) / 1e6:.1f} MB; re-encoded (default) images take "
         f"{sum(map(len, stored)) / 1e6:.1f} MB; {n_qual} files qualify to be kept unchanged under --keep-original "
         f"(baseline YCbCr JPEG, longer side <= {default.max_side}, no rotation), the rest are re-encoded",
-        f"shards: {f'{cfg.shard_samples} samples each' if cfg.shard_samples else 'one per worker (files / workers samples each)'}; "
+        "shards: " + (f"{cfg.shard_samples} samples each" if cfg.shard_samples
+                      else "one per worker (files / workers samples each)") + "; "
         "shard times are the whole call (listing, planning, worker start-up, fsync of every shard, manifest), files "
         "in the page cache; `tar -cf` does not fsync; ratio = seconds / baseline_s; cpu_s = CPU seconds of this "
         "process and its children (tar, workers), in 10 ms ticks",
