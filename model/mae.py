@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.flops import FlopBreakdown, forward_flops
-from model.masking import masking_ops, random_masking
+from model.masking import random_masking
+from model.masking_ops import masking_ops
 from model.pos_embed import sincos_pos_embed_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

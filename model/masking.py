@@ -1,7 +1,8 @@
 """Token masking: random per-sample masking and the three masking stages, in plain PyTorch (the reference path).
 
 The three stages are the only non-matmul token shuffling an MAE step does, so they are the ones with fused Triton
-twins in `model.kernels` (same signatures, same meaning). `masking_ops(mode, device)` picks one of the two sets.
+twins in `model.kernels` (same signatures, same meaning). `model.masking_ops.masking_ops(mode, device)` picks one
+of the two sets.
 
 Layouts used throughout:
     images      (N, H, W, C) NHWC; any strides (an NCHW tensor permuted to NHWC is accepted as a view).
@@ -14,8 +15,6 @@ Layouts used throughout:
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,26 +104,3 @@ def masked_patch_loss(
     target = patch_targets(images, patch_size, norm_pix_loss, pixel_scale, pixel_shift)
     loss = (pred.float() - target).pow(2).mean(dim=-1)
     return (loss * mask).sum() / mask.sum()
-
-
-class MaskingOps(NamedTuple):
-    """The three masking stages; reference and fused implementations share these signatures."""
-
-    name: str
-    gather_visible_patches: object
-    unshuffle_decoder_tokens: object
-    masked_patch_loss: object
-
-
-REFERENCE_OPS = MaskingOps("reference", gather_visible_patches, unshuffle_decoder_tokens, masked_patch_loss)
-
-
-def masking_ops(mode: str, device: torch.device) -> MaskingOps:
-    """Resolve the `fused_masking` switch: "auto" = fused on CUDA, reference elsewhere; "on"; "off"."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return REFERENCE_OPS
-    if mode not in ("auto", "on"):
-        raise ValueError(f"fused_masking must be 'auto', 'on' or 'off', got {mode!r}")
-    from model.kernels import FUSED_OPS  # imported lazily: Triton is only needed when the fused path is used
-
-    return FUSED_OPS

@@ -1,6 +1,6 @@
 """Two tiny fabricated pre-training run folders with hand-picked numbers, for the compute-to-accuracy tests.
 
-Layout and fields as docs/run-folder.md and train/results.py define them (config.json, metrics.jsonl,
+Layout and fields as docs/run-folder.md and train/eval/results.py define them (config.json, metrics.jsonl,
 checkpoints/<stem>.<protocol>.json); no checkpoint files (pruned checkpoints leave their results).
 
 SupMAE: 1 GFLOP per trained image, 10,000 images per step of 100 (1e6 images = 1 PFLOP per 100 steps)

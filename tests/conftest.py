@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pipeline.fileio import atomic_write_json
-from pipeline.shard_format import ClassEntry, Manifest, ShardWriter, timm_info
+from pipeline.shards.shard_format import ClassEntry, Manifest, ShardWriter, timm_info
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

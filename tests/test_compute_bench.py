@@ -14,7 +14,7 @@ from tests.compute_testdata import write_pair
 from tests.conftest import make_image, write_tiny_shards
 from tools.bench.__main__ import main as bench_main
 from tools.bench.compute import COLUMNS
-from train.comparison import (
+from train.compare.runner import (
     ComparisonConfig,
     budget_steps,
     per_budget_epochs,
@@ -117,7 +117,7 @@ def test_shard_imagefolder_holds_out_a_share_of_every_class(tmp_path):
             Image.fromarray(make_image(c, i, 20, 24)).save(src / f"c{c}" / f"{i}.jpg", quality=90)
     said = []
     train, val = shard_imagefolder(src, tmp_path / "shards", holdout=0.2, workers=1, say=said.append)
-    from pipeline.shard_format import load_manifest
+    from pipeline.shards.shard_format import load_manifest
 
     mt, mv = load_manifest(train)[0], load_manifest(val)[0]
     assert (mt.num_samples, mv.num_samples) == (24, 6) and [c.wnid for c in mv.classes] == ["c0", "c1", "c2"]

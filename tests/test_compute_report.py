@@ -1,4 +1,4 @@
-"""The compute-to-accuracy rule (train/compute_report.py) on fabricated run folders with hand-checked numbers."""
+"""The compute-to-accuracy rule (train/compare/report.py) on fabricated run folders with hand-checked numbers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.compute_testdata import MAE, SUPMAE, write_pair, write_run
-from train.compute_report import (
+from train.compare.report import (
     EvalPoint,
     analyse,
     best_point,

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.loader import LoaderConfig, build_loader
+from pipeline.loaders.base import LoaderConfig
+from pipeline.loaders.build import build_loader
 from tests.conftest import write_tiny_shards
-from train.accuracy import TopKCounter
 from train.distributed import DistEnv
-from train.knn import KnnSettings, knn_eval
+from train.eval.accuracy import TopKCounter
+from train.eval.knn import KnnSettings, knn_eval
 
 ENC = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32, "decoder_num_heads": 2,
        "cls_hidden": 32, "img_size": 16}
@@ -47,7 +48,7 @@ def eval_counts(data: str, env: DistEnv) -> dict:
 
 
 def knn_results(train: str, val: str, env: DistEnv) -> dict:
-    from train.encoder import resolve_source
+    from train.eval.encoder import resolve_source
 
     loaders = [build_loader(LoaderConfig(d, 4, 16, train=False, device="cpu", num_threads=1), env.rank,
                             env.world_size) for d in (train, val)]
@@ -62,8 +63,8 @@ def _worker(rank: int, world: int, port: int, train: str, val: str, out: str) ->
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from train.distributed import destroy_distributed, init_distributed
-    from train.finetune import PROTOCOL as FINETUNE
-    from train.linprobe import PROTOCOL as LINPROBE
+    from train.eval.finetune import PROTOCOL as FINETUNE
+    from train.eval.linprobe import PROTOCOL as LINPROBE
 
     env = init_distributed("cpu")
     result = {"eval": eval_counts(val, env), "knn": knn_results(train, val, env)}
@@ -103,7 +104,7 @@ def test_two_ranks_count_every_sample_once_and_train_identical_replicas(tmp_path
 
     # k-NN: the whole bank gathered on both ranks gives the single-process answer; a subset of 9 is 4 + 5.
     torch.set_num_threads(1)
-    from train.encoder import resolve_source
+    from train.eval.encoder import resolve_source
 
     loaders = [build_loader(LoaderConfig(str(d), 4, 16, train=False, device="cpu", num_threads=1)) for d in (train, val)]
     ref = knn_eval(resolve_source("random", "supmae_vit_tiny_patch16", ENC, seed=1), *loaders, KnnSettings(k=5))

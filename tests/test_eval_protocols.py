@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from model import create_model
-from pipeline.loader import LoaderConfig, build_loader
+from pipeline.loaders.base import LoaderConfig
+from pipeline.loaders.build import build_loader
 from tests.conftest import write_tiny_shards
 from train.checkpoint import list_checkpoints, read_checkpoint
 from train.config import config_from_args
 from train.distributed import DistEnv
-from train.encoder import resolve_source
-from train.knn import KnnSettings, knn_eval
+from train.eval.encoder import resolve_source
+from train.eval.knn import KnnSettings, knn_eval
+from train.eval.results import RESULT_FIELDS, read_result, result_path
 from train.metrics import TIMING_FIELDS
-from train.results import RESULT_FIELDS, read_result, result_path
 
 ENC = ["--patch-size", "4", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--decoder-embed-dim", "32",
        "--decoder-num-heads", "2", "--cls-hidden", "32"]
@@ -68,7 +69,7 @@ class StopAt:
 def protocol_run(name: str, args: list[str], stop=None) -> int:
     import importlib
 
-    mod = importlib.import_module(f"train.{name}")
+    mod = importlib.import_module(f"train.eval.{name}")
     return mod.run(mod.check(args), DistEnv(), stop)
 
 
@@ -186,7 +187,7 @@ def test_finetuning_a_pretrained_encoder_beats_random_init(tmp_path):
     same model from random init identically on 64 labelled images (the low-shot setting where pre-training shows)
     and compare top-1 on 200 held-out images. Seeds fixed; heavy regularisers (mixup, RandAugment, erasing) off,
     as they need long schedules. Observed here: 0.345 vs 0.245."""
-    from pipeline.sharding import ShardConfig, run_sharding
+    from pipeline.shards.sharding import ShardConfig, run_sharding
     from pipeline.synthetic import make_shapes_dataset
     from train.pretrain import run
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from model import create_model
-from pipeline.loader import LoaderConfig, build_loader
+from pipeline.loaders.base import LoaderConfig
+from pipeline.loaders.build import build_loader
 from tests.conftest import write_tiny_shards
-from train.accuracy import TopKCounter, topk_hits
-from train.encoder import PretrainedSource, ViTEncoder, build_vit, resolve_source
-from train.knn import knn_classify
+from train.eval.accuracy import TopKCounter, topk_hits
+from train.eval.encoder import PretrainedSource, ViTEncoder, build_vit, resolve_source
+from train.eval.knn import knn_classify
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, cls_hidden=32, num_classes=3)
@@ -111,7 +112,7 @@ def test_knn_votes_are_temperature_weighted():
 
 
 def finetune_task(tmp_path, *args: str):
-    from train.finetune import FinetuneConfig, FinetuneTask
+    from train.eval.finetune import FinetuneConfig, FinetuneTask
 
     cfg = FinetuneConfig(data="d", eval_data="v", out=str(tmp_path), ckpt="random", model="supmae_vit_tiny_patch16",
                          batch_size=4, **dict(zip(args[::2], args[1::2], strict=True)))
@@ -265,7 +266,7 @@ def test_encoder_from_original_pth_encoder_only_pth_and_random(tmp_path):
 def test_protocol_options_are_validated(module, args, message):
     import importlib
 
-    mod = importlib.import_module(f"train.{module}")
+    mod = importlib.import_module(f"train.eval.{module}")
     with pytest.raises(ValueError) as e:
         mod.check(args)
     assert str(e.value).startswith(message), str(e.value)
@@ -276,9 +277,9 @@ def test_protocol_options_are_validated(module, args, message):
 
 
 def test_nonfinite_probe_step_is_undone_on_the_device(tmp_path):
-    from pipeline.loader import Batch
-    from pipeline.memory_loader import InMemoryLoader
-    from train.linprobe import LinearProbeTask, LinprobeConfig
+    from pipeline.loaders.base import Batch
+    from pipeline.loaders.memory_loader import InMemoryLoader
+    from train.eval.linprobe import LinearProbeTask, LinprobeConfig
     from train.trainer import Trainer
 
     def loader(nan_batch: int | None) -> InMemoryLoader:

@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from model import create_model
-from model.kernels import FUSED_OPS, INTERPRETED
+from model.kernels import INTERPRETED
 from model.mae import IMAGENET_MEAN, IMAGENET_STD
-from model.masking import REFERENCE_OPS, masking_ops, random_masking
+from model.masking import random_masking
+from model.masking_ops import REFERENCE_OPS, fused_ops, masking_ops
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (compiled Triton kernels); CPU runs the interpreter")
 LOW_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}
+FUSED_OPS = fused_ops()
 SMALL = dict(img_size=32, patch_size=4, num_classes=10, depth=2, decoder_depth=2, cls_hidden=64)
 
 assert CUDA or INTERPRETED, "conftest must set TRITON_INTERPRET=1 before model.kernels is imported"

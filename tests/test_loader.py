@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import (
+from pipeline.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
     Loader,
     LoaderConfig,
     RankLayout,
-    build_loader,
     derive_seed,
 )
-from pipeline.shard_format import ShardFormatError, parse_index
-from pipeline.throughput import ThroughputStats
+from pipeline.loaders.build import build_loader
+from pipeline.loaders.throughput import ThroughputStats
+from pipeline.shards.shard_format import ShardFormatError, parse_index
 from tests.conftest import write_tiny_shards
 
 N = 23  # odd, and not a multiple of the shard size, the batch size or the rank count

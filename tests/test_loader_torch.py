@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.loader import LoaderConfig, build_loader
-from pipeline.shard_format import ClassEntry, Manifest, ShardFormatError, ShardWriter
-from pipeline.torch_loader import buffer_shuffle
+from pipeline.loaders.base import LoaderConfig
+from pipeline.loaders.build import build_loader
+from pipeline.loaders.torch_loader import buffer_shuffle
+from pipeline.shards.shard_format import ClassEntry, Manifest, ShardFormatError, ShardWriter
 from tests.conftest import requires_shared, write_tiny_shards
 from tests.test_loader import (
     SIZE,
@@ -208,8 +209,8 @@ def test_no_worker_processes_outlive_the_loader(ids_data):
 
 
 def test_sample_reader_keeps_few_files_open(ids_data):
-    from pipeline.loader import ShardSet
-    from pipeline.torch_loader import SampleIndex, SampleReader
+    from pipeline.loaders.base import ShardSet
+    from pipeline.loaders.torch_loader import SampleIndex, SampleReader
 
     index = SampleIndex.build(ShardSet.open(ids_data))
     reader = SampleReader(index, str(ids_data), max_open=2)

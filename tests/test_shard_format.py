@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.shard_format import (
+from pipeline.shards.shard_format import (
     ShardFormatError,
     ShardWriter,
     check_shard_files,
@@ -90,7 +90,7 @@ def test_manifest_checks(tiny_shards, tmp_path):
 def test_manifest_to_dict_equals_the_dataclass_fields(tiny_shards):
     from dataclasses import asdict, fields
 
-    from pipeline.shard_format import Manifest
+    from pipeline.shards.shard_format import Manifest
 
     _, manifest = tiny_shards
     manifest.skipped.append({"src": "a/b.jpg", "reason": "truncated"})

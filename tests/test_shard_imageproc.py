@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pipeline.imageproc import (
+from pipeline.shards.imageproc import (
     ImageConfig,
     ImageSkip,
     fit_within,
@@ -213,7 +213,7 @@ def test_scan_jpeg_reads_the_header_only():
 
 
 def test_unconvertible_mode_is_a_skip_not_a_crash(monkeypatch):
-    import pipeline.imageproc as imageproc
+    import pipeline.shards.imageproc as imageproc
 
     def refuse(im):
         raise ValueError(f"conversion from {im.mode} to RGB not supported")

@@ -7,14 +7,14 @@ import tarfile
 
 from PIL import Image
 
-from pipeline.imageproc import ImageConfig
-from pipeline.sharding import ShardConfig, run_sharding
-from pipeline.verify import verify
+from pipeline.shards.imageproc import ImageConfig
+from pipeline.shards.sharding import ShardConfig, run_sharding
+from pipeline.shards.verify import verify
 from tests.conftest import requires_shared
 
 
 def _qualifies(data: bytes, max_side: int) -> bool:
-    """Independent of pipeline.imageproc: what PIL says about the file."""
+    """Independent of pipeline.shards.imageproc: what PIL says about the file."""
     im = Image.open(io.BytesIO(data))
     return (im.format == "JPEG" and im.mode == "RGB" and "progressive" not in im.info and "progression" not in im.info
             and max(im.size) <= max_side and im.getexif().get(0x0112, 1) in (0, 1))

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from pipeline.sources import SourceError, display_path, open_source, read_item
+from pipeline.shards.sources import SourceError, display_path, open_source, read_item
 from tests.shard_testdata import EMPTY_WNID, WNIDS, make_imagefolder, make_tar_of_tars, tar_folder
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.shard_format import _tar_header, _tar_header_reference
+from pipeline.shards.shard_format import _tar_header, _tar_header_reference
 
 
 @pytest.mark.parametrize("name", ["a.jpg", "n01440764_10026-00012345.json", "k" * 90 + ".json", "x" * 100])

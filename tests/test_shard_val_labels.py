@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shard_format import read_samples
-from pipeline.sharding import ShardConfig, run_sharding
-from pipeline.val_labels import (
+from pipeline.shards.shard_format import read_samples
+from pipeline.shards.sharding import ShardConfig, run_sharding
+from pipeline.shards.val_labels import (
     LabelsError,
     detect_format,
     load_class_map,

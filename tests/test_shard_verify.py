@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.sharding as sharding
-from pipeline.imageproc import ProcessedImage
-from pipeline.shard_format import load_manifest, parse_index, read_samples
-from pipeline.sharding import ShardConfig, run_sharding
-from pipeline.verify import verify
+import pipeline.shards.sharding as sharding
+from pipeline.shards.imageproc import ProcessedImage
+from pipeline.shards.shard_format import load_manifest, parse_index, read_samples
+from pipeline.shards.sharding import ShardConfig, run_sharding
+from pipeline.shards.verify import verify
 from tests.shard_testdata import make_imagefolder
 from tools import shard as shard_cli
 

@@ -17,9 +17,15 @@ import pytest
 from rich.console import Console
 
 import pipeline.fileio as fileio
-import pipeline.shard_format as shard_format
-from pipeline.shard_format import ShardWriter
-from pipeline.sharding import NullProgress, ShardingError, WorkerProgress, run_tasks, worker_start_method
+import pipeline.shards.shard_format as shard_format
+from pipeline.shards.shard_format import ShardWriter
+from pipeline.shards.sharding import (
+    NullProgress,
+    ShardingError,
+    WorkerProgress,
+    run_tasks,
+    worker_start_method,
+)
 from tools import shard as shard_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +96,7 @@ class _ThreadedSink:
 
 def test_start_method_is_fork_only_without_other_threads():
     code = (
-        "import threading; from pipeline.sharding import worker_start_method as m; a = m(); "
+        "import threading; from pipeline.shards.sharding import worker_start_method as m; a = m(); "
         "e = threading.Event(); t = threading.Thread(target=e.wait); t.start(); b = m(); e.set(); t.join(); "
         "print(a, b, m())"
     )

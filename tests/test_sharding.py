@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.imageproc import ImageConfig
-from pipeline.shard_format import decode_label, load_manifest, parse_index, read_samples
-from pipeline.sharding import (
+from pipeline.shards.imageproc import ImageConfig
+from pipeline.shards.shard_format import decode_label, load_manifest, parse_index, read_samples
+from pipeline.shards.sharding import (
     STATE_DIR,
     ShardConfig,
     ShardingError,
@@ -27,8 +27,8 @@ from pipeline.sharding import (
     sample_key,
     shuffle_order,
 )
-from pipeline.sources import SourceError
-from pipeline.verify import verify
+from pipeline.shards.sources import SourceError
+from pipeline.shards.verify import verify
 from tests.shard_testdata import (
     EMPTY_WNID,
     WNIDS,
@@ -400,7 +400,7 @@ def test_global_shuffle_is_a_seeded_permutation():
 
 
 def test_failed_shard_names_itself_and_a_torn_journal_line_is_ignored(tree, tmp_path, monkeypatch):
-    import pipeline.sharding as sharding
+    import pipeline.shards.sharding as sharding
 
     src, _ = tree
     shard(src, tmp_path / "ref")

@@ -127,7 +127,8 @@ def _ddp_worker(rank: int, world: int, port: int, data: str, out: str) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from model import create_model
-    from pipeline.loader import LoaderConfig, build_loader
+    from pipeline.loaders.base import LoaderConfig
+    from pipeline.loaders.build import build_loader
     from train.config import config_from_args
     from train.distributed import destroy_distributed, init_distributed, rank_seed, seed_all
     from train.trainer import Trainer

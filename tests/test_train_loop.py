@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from model import create_model, load_checkpoint
-from pipeline.loader import Batch
-from pipeline.memory_loader import InMemoryLoader
+from pipeline.loaders.base import Batch
+from pipeline.loaders.memory_loader import InMemoryLoader
 from tests.conftest import write_tiny_shards
 from train.checkpoint import list_checkpoints, read_checkpoint
 from train.config import config_from_args

@@ -11,7 +11,7 @@ Steps (docs/demo.md):
   2. shards     the sharding library writes indexed WebDataset shards of the training split and of the held-out
                 split (val/ when present, else --holdout of every class), with the training split's class map
   3. pipeline   images/s of the DALI training loader alone on those shards (`bench pipeline`'s row (a))
-  4. compare    train/comparison.py: SupMAE and MAE (the demo recipes) pre-trained with the real trainer and
+  4. compare    train/compare/runner.py: SupMAE and MAE (the demo recipes) pre-trained with the real trainer and
                 pipeline to the same compute budget, their checkpoints (untrained, along the way, final)
                 evaluated with k-NN, then the compute-to-accuracy analysis (`bench compute`)
   5. model      images/s of each model's training step alone on synthetic input (`bench model`'s step)
@@ -75,7 +75,7 @@ class DemoConfig:
         return QUICK_SHAPES if self.quick else SHAPES
 
     def comparison(self, train: Path, val: Path):
-        from train.comparison import ComparisonConfig
+        from train.compare.runner import ComparisonConfig
 
         quick = self.quick
         budget = self.budget if self.budget is not None else (2.0 if quick else DEFAULT_BUDGET_PFLOPS)
@@ -109,7 +109,7 @@ def pipeline_rate(train: Path, cfg, images: int, repeats: int) -> dict[str, Any]
     """images/s of the DALI training loader alone on the shards, with the first recipe's batch, size and threads
     (bench pipeline's row (a), measured the same way)."""
     from tools.bench.pipeline import PipelineBenchConfig, dali_row, measure_interleaved
-    from train.comparison import run_config
+    from train.compare.runner import run_config
 
     tc = run_config(cfg, cfg.recipes[0], Path(cfg.out))
     pcfg = PipelineBenchConfig(data=str(train), imagefolder=str(train), batch_size=tc.batch_size,
@@ -150,8 +150,8 @@ def model_rates(outcome, steps: int, repeats: int) -> list[dict[str, Any]]:
 def run_demo(cfg: DemoConfig, say=print) -> tuple[Any, Path]:
     """Every step of the demo; returns (the report, its folder)."""
     from tools.bench.compute import build_report, plot_title, write_outputs
-    from train.comparison import run_comparison, shard_imagefolder
-    from train.compute_plots import write_plots
+    from train.compare.plots import write_plots
+    from train.compare.runner import run_comparison, shard_imagefolder
 
     t_start = time.monotonic()
     out = Path(cfg.out)

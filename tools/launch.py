@@ -35,9 +35,9 @@ class Protocol:
 
 PROTOCOLS: dict[str, Protocol] = {
     "pretrain": Protocol("train.pretrain", "SupMAE / MAE pre-training"),
-    "finetune": Protocol("train.finetune", "fine-tune a pre-trained encoder (MAE protocol)"),
-    "linprobe": Protocol("train.linprobe", "linear probe on the frozen encoder (MAE protocol)"),
-    "knn": Protocol("train.knn", "weighted k-NN accuracy of the frozen encoder (DINO)"),
+    "finetune": Protocol("train.eval.finetune", "fine-tune a pre-trained encoder (MAE protocol)"),
+    "linprobe": Protocol("train.eval.linprobe", "linear probe on the frozen encoder (MAE protocol)"),
+    "knn": Protocol("train.eval.knn", "weighted k-NN accuracy of the frozen encoder (DINO)"),
 }
 
 # Seconds torchrun's agent waits for workers to checkpoint and exit after a signal before killing them.

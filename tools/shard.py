@@ -1,6 +1,6 @@
 """`./launch.sh shard SRC OUT [options]` and `./launch.sh shard --verify OUT [--decode]`.
 
-Thin CLI over pipeline.sharding / pipeline.verify: parses arguments into a ShardConfig, shows a rich progress bar
+Thin CLI over pipeline.shards.sharding / pipeline.shards.verify: parses arguments into a ShardConfig, shows a rich progress bar
 (files/s, MB/s, ETA) and prints a summary table. Exit status: 0 done, 1 skipped inputs under --strict or a failed
 verification, 2 refused or bad arguments, 130 interrupted (re-run the same command to resume).
 """
@@ -28,8 +28,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.imageproc import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, ImageConfig
-from pipeline.sharding import (
+from pipeline.shards.imageproc import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, ImageConfig
+from pipeline.shards.sharding import (
     ShardConfig,
     ShardingError,
     ShardRunResult,
@@ -37,9 +37,9 @@ from pipeline.sharding import (
     default_workers,
     run_sharding,
 )
-from pipeline.sources import SourceError
-from pipeline.val_labels import FORMATS, LabelsError
-from pipeline.verify import VerifyReport, verify
+from pipeline.shards.sources import SourceError
+from pipeline.shards.val_labels import FORMATS, LabelsError
+from pipeline.shards.verify import VerifyReport, verify
 
 LIST_LIMIT = 20
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
@@ -107,7 +107,7 @@ class _RateColumn(ProgressColumn):
 
 
 class RichProgress:
-    """The ProgressSink of pipeline.sharding as a rich progress bar."""
+    """The ProgressSink of pipeline.shards.sharding as a rich progress bar."""
 
     def __init__(self, console: Console, description: str, unit: str, enabled: bool = True):
         self.description, self.unit = description, unit
@@ -147,7 +147,7 @@ class RichProgress:
 @contextlib.contextmanager
 def _status(console: Console, text: str):
     """A spinner whose refresh thread has ended on exit (rich only signals it): workers forked next need a
-    process without other threads (pipeline.sharding.worker_start_method)."""
+    process without other threads (pipeline.shards.sharding.worker_start_method)."""
     before = set(threading.enumerate())
     with console.status(text, spinner="dots"):
         yield

@@ -1,5 +1,5 @@
-"""What every protocol's per-process entry shares (`train.pretrain`, `train.finetune`, `train.linprobe`,
-`train.knn`): the main() wrapper with its exit statuses, the choice of the checkpoint to resume, the run folder's
+"""What every protocol's per-process entry shares (`train.pretrain`, `train.eval.finetune`, `train.eval.linprobe`,
+`train.eval.knn`): the main() wrapper with its exit statuses, the choice of the checkpoint to resume, the run folder's
 start-up checks, and the software versions recorded in config.json.
 
 Exit statuses: 0 = done (schedule finished, --max-steps, or stopped by SIGTERM/SIGUSR1 after checkpointing);
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.fileio import atomic_write_json
-from pipeline.loader import Loader, LoaderConfig, build_loader
-from pipeline.shard_format import Manifest, ShardFormatError
+from pipeline.loaders.base import Loader, LoaderConfig
+from pipeline.loaders.build import build_loader
+from pipeline.shards.shard_format import Manifest, ShardFormatError
 from train.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,

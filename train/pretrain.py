@@ -18,7 +18,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
 from model.mae import MaskedAutoencoderViT
-from pipeline.shard_format import load_manifest
+from pipeline.shards.shard_format import load_manifest
 from train.config import TrainConfig, config_from_args, help_text
 from train.distributed import DistEnv, StopRequest, rank_seed, seed_all
 from train.entry import (

@@ -3,7 +3,7 @@ builds its optimiser and knows what to evaluate. `train.trainer.Trainer` runs an
 (no-sync hot path, accumulation, non-finite skipping, checkpoints, exact resume, metrics).
 
     MaskedAutoencoderTask   SupMAE / MAE pre-training (this module)
-    FinetuneTask            train/finetune.py      LinearProbeTask   train/linprobe.py
+    FinetuneTask            train/eval/finetune.py      LinearProbeTask   train/eval/linprobe.py
 
 A task's hooks run inside the loop's rules: `forward_loss` and `after_step` never read a device value on the host;
 `evaluate` runs on every rank and may synchronise (it is called between epochs).
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from model.mae import MaskedAutoencoderViT
-from pipeline.loader import Batch
-from train.accuracy import TopKCounter
+from pipeline.loaders.base import Batch
 from train.distributed import DistEnv
+from train.eval.accuracy import TopKCounter
 from train.optim import build_optimizer
 
 if TYPE_CHECKING:

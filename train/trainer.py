@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.mae import MaskedAutoencoderViT
 from pipeline.fileio import atomic_path
-from pipeline.loader import Batch, Loader
+from pipeline.loaders.base import Batch, Loader
 from train.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
@@ -93,7 +93,7 @@ class Trainer:
     task: what is trained (train.task.Task); a bare MaskedAutoencoderViT is trained as MaskedAutoencoderTask with
     cfg's mask ratio and AdamW settings. The trainer moves the task's model to the device and wraps it with DDP /
     compile. cfg: the loop settings (train.config.LoopConfig: TrainConfig, FinetuneConfig, LinprobeConfig).
-    loader: this rank's training loader (pipeline.loader protocol). eval_loader: held-out data for the task's
+    loader: this rank's training loader (pipeline.loaders.base protocol). eval_loader: held-out data for the task's
     evaluation (optional). log: rank 0's RunLog (None = record nothing, e.g. benchmarks).
     """
 

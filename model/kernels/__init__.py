@@ -9,7 +9,7 @@ flow, a registered autograd formula whose backward is itself a custom op: torch.
 opaque kernels without graph breaks. Layouts, contiguity and numerics: docs/kernels.md and each module's docstring.
 
 The kernels run on CUDA tensors; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set before this
-package is imported), which the tests use. `model.masking.masking_ops` selects these with `fused_masking`.
+package is imported), which the tests use. `model.masking_ops.masking_ops` selects these with `fused_masking`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,5 @@ from model.kernels._common import INTERPRETED
 from model.kernels.gather import gather_visible_patches
 from model.kernels.loss import masked_patch_loss
 from model.kernels.unshuffle import unshuffle_decoder_tokens
-from model.masking import MaskingOps
 
-FUSED_OPS = MaskingOps("fused", gather_visible_patches, unshuffle_decoder_tokens, masked_patch_loss)
-
-__all__ = ["FUSED_OPS", "INTERPRETED", "gather_visible_patches", "masked_patch_loss", "unshuffle_decoder_tokens"]
+__all__ = ["INTERPRETED", "gather_visible_patches", "masked_patch_loss", "unshuffle_decoder_tokens"]

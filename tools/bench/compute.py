@@ -4,7 +4,7 @@
     ./launch.sh bench compute --runs runs/supmae400 runs/mae1600 [--out report/]
     ./launch.sh bench compute --runs SupMAE=runs/a MAE=runs/b MAE=runs/c      # LABEL=PATH: runs of one method
 
-    # run a matched comparison (train/comparison.py): pre-train each recipe under the budgets, evaluate, analyse
+    # run a matched comparison (train/compare/runner.py): pre-train each recipe under the budgets, evaluate, analyse
     ./launch.sh bench compute --data shards/train --eval-data shards/val --out runs/cmp \
         --recipes supmae_vit_tiny_demo,mae_vit_tiny_demo --budgets 0.05 --budget-unit pflops --evals 5 \
         -- --batch-size 256 --data-threads 2
@@ -12,7 +12,7 @@
 Output: the accuracy of every evaluated checkpoint against cumulative training PFLOPs and device-hours, a summary
 per method, the crossings ("SupMAE reaches MAE's best k-NN top-1 with x% of MAE's compute", or that it never
 does), the paper's figures beside them, PNG plots, and report.json / report.md in --out (definitions in
-train/compute_report.py and docs/benchmarking.md). Accuracy is measured, not timed: --warmup / --repeats do
+train/compare/report.py and docs/benchmarking.md). Accuracy is measured, not timed: --warmup / --repeats do
 not apply here.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench.report import BenchReport
-from train.compute_report import (
+from train.compare.report import (
     AXES,
     PROTOCOL_NAMES,
     Analysis,
@@ -195,7 +195,7 @@ def write_outputs(report: ComputeReport, out: Path) -> list[Path]:
 
 def plot_title(methods: list[Method]) -> str:
     """'SupMAE vs MAE: cifar10 (49,920 images), 32 px patch 4, encoder 192-d x 6' from the first run."""
-    from pipeline.shard_format import ShardFormatError, load_manifest
+    from pipeline.shards.shard_format import ShardFormatError, load_manifest
 
     names = " vs ".join(x.label for x in methods)
     run = methods[0].runs[0] if methods and methods[0].runs else None
@@ -214,13 +214,13 @@ def plot_title(methods: list[Method]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from train.comparison import BUDGET_UNITS, DEFAULT_RECIPES, PROTOCOLS, SCHEDULES
+    from train.compare.runner import BUDGET_UNITS, DEFAULT_RECIPES, PROTOCOLS, SCHEDULES
 
     g = p.add_argument_group("analyse existing run folders")
     g.add_argument("--runs", nargs="+", metavar="[LABEL=]RUN",
                    help="pre-training run folders with evaluation results beside their checkpoints; runs with the "
                         "same LABEL form one curve (default label: SupMAE / MAE from the model)")
-    g = p.add_argument_group("run a matched comparison (train/comparison.py)")
+    g = p.add_argument_group("run a matched comparison (train/compare/runner.py)")
     g.add_argument("--data", help="training shards (also the k-NN bank)")
     g.add_argument("--eval-data", help="held-out shards, sharded with --class-map of --data")
     g.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="comma-separated pre-training recipes")
@@ -257,7 +257,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def comparison_config(args: argparse.Namespace):
-    from train.comparison import ComparisonConfig, protocol_args_from_text
+    from train.compare.runner import ComparisonConfig, protocol_args_from_text
 
     missing = [o for o, v in (("--eval-data", args.eval_data), ("--budgets", args.budgets), ("--out", args.out))
                if not v]
@@ -281,7 +281,7 @@ def comparison_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> ComputeReport:
-    from train.compute_plots import write_plots
+    from train.compare.plots import write_plots
 
     if args.warmup is not None or args.repeats is not None:
         raise ValueError("bench compute measures accuracy against recorded compute, not time: --warmup and "
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> ComputeReport:
         analysis = analyse(methods, protocols)
         settings: dict[str, Any] = {"mode": "runs", "runs": [str(r.path) for r in runs]}
     else:
-        from train.comparison import run_comparison
+        from train.compare.runner import run_comparison
 
         cfg = comparison_config(args)
         try:

@@ -159,7 +159,7 @@ def windows(records: list[dict[str, Any]], warmup_steps: int, steps: int) -> lis
 
 def run_e2e(cfg: TrainConfig, e: E2EConfig) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """Train `cfg` for `e.total_steps` steps in a scratch run folder; returns (windows, the run's config.json)."""
-    from pipeline.shard_format import load_manifest
+    from pipeline.shards.shard_format import load_manifest
     from train.pretrain import build
 
     manifest, _ = load_manifest(cfg.data)

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from model.masking import REFERENCE_OPS, MaskingOps, random_masking
+from model.masking import random_masking
+from model.masking_ops import REFERENCE_OPS, MaskingOps, fused_ops
 from tools.bench.model import load_note, start_load, time_train_step
 from tools.bench.report import BenchReport, time_calls
 from train.step_timing import DTYPES, StepSetup, original_recipe
@@ -138,9 +139,7 @@ def time_stages(cfg: KernelBenchConfig, report: BenchReport) -> None:
     inputs = StageInputs(cfg)
     impls: list[MaskingOps] = [REFERENCE_OPS]
     if cfg.gpu:
-        from model.kernels import FUSED_OPS
-
-        impls.append(FUSED_OPS)
+        impls.append(fused_ops())
     else:
         report.notes.append("CPU: fused stage rows skipped (the Triton interpreter's timings say nothing about "
                             "kernel speed); run on a GPU for them.")

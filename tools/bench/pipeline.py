@@ -1,7 +1,7 @@
 """`./launch.sh bench pipeline`: images/s of the data pipelines on the same images and cores, side by side.
 
 Rows:
-  (a) DALI train loader (`pipeline.loader`, backend="dali") on the shards, uint8 output (the default) and fp16
+  (a) DALI train loader (`pipeline.loaders.base`, backend="dali") on the shards, uint8 output (the default) and fp16
   (b) the torch backend on the same shards
   (c) the original MAE/SupMAE recipe: torchvision ImageFolder on the original JPEGs, RandomResizedCrop(224,
       (0.2, 1.0), bicubic) + flip + ToTensor + Normalize, DataLoader(num_workers=cores, batch 64, shuffle,
@@ -116,8 +116,8 @@ def imagefolder_root(src: str, cache: str) -> Path:
 
 def stored_jpegs(data: str) -> list[bytes]:
     """Every stored image of a shard folder, in manifest order."""
-    from pipeline.loader import ShardSet
-    from pipeline.shard_format import read_samples
+    from pipeline.loaders.base import ShardSet
+    from pipeline.shards.shard_format import read_samples
 
     return [comps["jpg"] for tar in ShardSet.open(data).tars for _, comps in read_samples(tar)]
 
@@ -152,7 +152,8 @@ class StreamRow:
 
 
 def dali_row(cfg: PipelineBenchConfig, dtype: str) -> StreamRow:
-    from pipeline.loader import LoaderConfig, build_loader
+    from pipeline.loaders.base import LoaderConfig
+    from pipeline.loaders.build import build_loader
 
     loader = build_loader(LoaderConfig(cfg.data, cfg.batch_size, cfg.img_size, backend="dali", device=cfg.device,
                                        output_dtype=dtype, num_threads=cfg.threads))
@@ -162,7 +163,8 @@ def dali_row(cfg: PipelineBenchConfig, dtype: str) -> StreamRow:
 
 
 def torch_row(cfg: PipelineBenchConfig) -> StreamRow:
-    from pipeline.loader import LoaderConfig, build_loader
+    from pipeline.loaders.base import LoaderConfig
+    from pipeline.loaders.build import build_loader
 
     loader = build_loader(LoaderConfig(cfg.data, cfg.batch_size, cfg.img_size, backend="torch", device=cfg.device,
                                        num_threads=cfg.threads))
@@ -299,7 +301,7 @@ def dali_stage_pipeline(cfg: PipelineBenchConfig, stage: str):
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    from pipeline.loader import ShardSet
+    from pipeline.loaders.base import ShardSet
 
     shards = ShardSet.open(cfg.data)
     size = [cfg.img_size, cfg.img_size]

@@ -6,9 +6,9 @@ slow changes in the load then hit the tool and its baselines alike. Each row als
 (this process and its workers): wall time well above CPU time / workers means the cores were busy elsewhere.
 What is measured:
   * `tar -cf` of the files: the floor of any tool that reads and writes them;
-  * decode+encode per image on one core (pipeline.imageproc.process_image on bytes in memory): the floor of the
+  * decode+encode per image on one core (pipeline.shards.imageproc.process_image on bytes in memory): the floor of the
     default re-encode mode, divided by the number of workers;
-  * the sharding command (pipeline.sharding.run_sharding: listing, planning, worker start-up, writing with fsync,
+  * the sharding command (pipeline.shards.sharding.run_sharding: listing, planning, worker start-up, writing with fsync,
     manifest) in the default re-encode mode and with --keep-original, with 1 and 2 (`--workers`) processes, and
     --keep-original also on only the files that qualify to be kept, against `tar -cf` of those same files.
 Targets (issue 3): --keep-original on qualifying files within 2x of `tar -cf`; re-encode within 1.3x of the
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.imageproc import ImageConfig, keep_original_blockers, process_image, scan_jpeg
-from pipeline.shard_format import load_manifest, read_samples
-from pipeline.sharding import NullProgress, ShardConfig, run_sharding, run_tasks
+from pipeline.shards.imageproc import ImageConfig, keep_original_blockers, process_image, scan_jpeg
+from pipeline.shards.shard_format import load_manifest, read_samples
+from pipeline.shards.sharding import NullProgress, ShardConfig, run_sharding, run_tasks
 from tools.bench.report import BenchReport, Timing
 
 DESCRIPTION = "sharding throughput vs plain tar copy and per-image decode+encode cost"

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.loader import Batch
-from pipeline.memory_loader import InMemoryLoader
+from pipeline.loaders.base import Batch
+from pipeline.loaders.memory_loader import InMemoryLoader
 from tools.bench.report import BenchReport, spread_text
 from train.config import TrainConfig
 from train.distributed import DistEnv

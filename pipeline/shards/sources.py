@@ -7,7 +7,7 @@ Source kinds (`open_source`):
                       found and stripped); read in place
     tar-of-tars       ImageNet's ILSVRC2012_img_train.tar: a tar of per-class tars `<wnid>.tar`; read in place,
                       each member addressed by its absolute offset in the outer file (no extraction, 148 GB is fine)
-    flat / flat-tar   validation images in a folder or tar; labels come from a labels file (pipeline.val_labels)
+    flat / flat-tar   validation images in a folder or tar; labels come from a labels file (pipeline.shards.val_labels)
 
 Every input is an `ItemRef` (file, offset, size): a worker seeks and reads one file's bytes without touching the
 rest of a container. Paths relative to the source root (`SourceItem.rel`) use `display_path`, so file names with

@@ -22,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.shard_format import load_manifest
-from train.accuracy import TopKCounter
+from pipeline.shards.shard_format import load_manifest
 from train.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from train.config import LAUNCHER_HELP, LoopConfig, options_help, parse_overrides
 from train.config import option_field as _f
 from train.distributed import DistEnv, StopRequest, rank_seed, seed_all
-from train.encoder import RANDOM, EncoderOptions, PretrainedSource
 from train.entry import (
     SetupError,
     build_loaders,
@@ -42,8 +40,10 @@ from train.entry import (
     software_versions,
     start_trainer,
 )
+from train.eval.accuracy import TopKCounter
+from train.eval.encoder import RANDOM, EncoderOptions, PretrainedSource
+from train.eval.results import make_result, write_result
 from train.metrics import RunLog
-from train.results import make_result, write_result
 from train.task import Task
 from train.trainer import NonFiniteError, Trainer, resolve_compile, resolve_precision
 

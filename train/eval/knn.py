@@ -36,22 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.mae import MaskedAutoencoderViT
-from pipeline.loader import Loader
-from pipeline.shard_format import load_manifest
-from train.accuracy import TopKCounter
+from pipeline.loaders.base import Loader
+from pipeline.shards.shard_format import load_manifest
 from train.config import LAUNCHER_HELP, RunConfig, options_help, parse_overrides
 from train.config import option_field as _f
 from train.distributed import DistEnv, StopRequest, control_group, seed_all
-from train.encoder import (
-    GLOBAL_POOLS,
-    RANDOM,
-    EncoderOptions,
-    PretrainedSource,
-    ViTEncoder,
-    build_vit,
-    encoder_forward_flops,
-    resolve_source,
-)
 from train.entry import (
     SetupError,
     build_eval_loader,
@@ -61,7 +50,18 @@ from train.entry import (
     protocol_main,
     software_versions,
 )
-from train.results import make_result, write_result
+from train.eval.accuracy import TopKCounter
+from train.eval.encoder import (
+    GLOBAL_POOLS,
+    RANDOM,
+    EncoderOptions,
+    PretrainedSource,
+    ViTEncoder,
+    build_vit,
+    encoder_forward_flops,
+    resolve_source,
+)
+from train.eval.results import make_result, write_result
 from train.trainer import DTYPES, resolve_compile, resolve_precision
 
 TOPK = (1, 5)
@@ -330,7 +330,7 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
 
 def knn_record(source: PretrainedSource, result: KnnResult, settings: dict[str, Any],
                env: DistEnv | None = None) -> dict[str, Any]:
-    """The result record (train.results) of a k-NN evaluation of `source`; `settings` is stored as given (the
+    """The result record (train.eval.results) of a k-NN evaluation of `source`; `settings` is stored as given (the
     command line's fields, or the caller's KnnSettings plus data folders), it should hold "img_size"."""
     env = env or DistEnv()
     img_size = settings.get("img_size") or source.model_cfg.img_size

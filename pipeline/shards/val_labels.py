@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.shard_format import MANIFEST_NAME, ClassEntry, load_manifest
+from pipeline.shards.shard_format import MANIFEST_NAME, ClassEntry, load_manifest
 
 FORMATS = ("devkit", "caffe", "kaggle", "wnids")
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.fileio import atomic_path
-from train.compute_report import AXES, PROTOCOL_NAMES, Analysis, Method
+from train.compare.report import AXES, PROTOCOL_NAMES, Analysis, Method
 
 # Fixed colours per method label, so SupMAE is the same colour in every plot of the project.
 _COLOURS = {"SupMAE": "tab:blue", "MAE": "tab:orange"}

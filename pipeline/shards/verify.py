@@ -20,8 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.imageproc import ImageSkip, decode_stored
-from pipeline.shard_format import (
+from pipeline.shards.imageproc import ImageSkip, decode_stored
+from pipeline.shards.shard_format import (
     SAMPLE_EXTS,
     TAR_BLOCK,
     TIMM_INFO_NAME,
@@ -37,7 +37,7 @@ from pipeline.shard_format import (
     split_member_name,
     timm_info,
 )
-from pipeline.sharding import SHARD_FILE_RE, NullProgress, ProgressSink, WorkerProgress, run_tasks
+from pipeline.shards.sharding import SHARD_FILE_RE, NullProgress, ProgressSink, WorkerProgress, run_tasks
 
 
 @dataclass(frozen=True)

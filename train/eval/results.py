@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fileio import atomic_write_json
-from train.encoder import PretrainedSource
+from train.eval.encoder import PretrainedSource
 
 RESULT_FORMAT = "supmae-fast-eval"
 RESULT_VERSION = 1

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.loader import (
+from pipeline.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDAUG_BINS,
@@ -49,7 +49,7 @@ from pipeline.loader import (
     ShardSet,
     derive_seed,
 )
-from pipeline.shard_format import IMAGE_EXT, LABEL_EXT, VERIFY_HINT, ShardFormatError
+from pipeline.shards.shard_format import IMAGE_EXT, LABEL_EXT, VERIFY_HINT, ShardFormatError
 
 READER_NAME = "shards"
 # Upper bound on the checksum search after a decode/read failure (the error path; shards seen last go first).

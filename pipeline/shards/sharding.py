@@ -1,12 +1,12 @@
 """The sharding library behind `./launch.sh shard SRC OUT`: plan, write shards in parallel, resume, manifest.
 
-    plan     enumerate the source (pipeline.sources), label every input (folder name or pipeline.val_labels),
+    plan     enumerate the source (pipeline.shards.sources), label every input (folder name or pipeline.shards.val_labels),
              number the inputs in sorted order (the number makes each sample key unique), order them by a keyed
              hash of (seed, path) -- a global shuffle that needs no RNG, so it is the same on every Python and
              NumPy -- and cut that order into shards by count (`shard_samples`) or by source bytes (`shard_size`:
              re-encoded sizes are unknown before encoding, so boundaries come from the source file sizes).
     write    each shard is one task: one worker process reads its inputs by seeking (tar-of-tars included),
-             converts them (pipeline.imageproc) and writes the shard and its DALI index with ShardWriter (temporary
+             converts them (pipeline.shards.imageproc) and writes the shard and its DALI index with ShardWriter (temporary
              names, renamed when complete). A shard's bytes depend only on its inputs, never on which worker or
              how many workers wrote it. A worker holds one image at a time; the main process holds the plan.
     record   when a shard is renamed into place its record (sha256, counts, skipped and converted inputs) goes back
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.fileio import atomic_write_json
-from pipeline.imageproc import ImageConfig, ImageSkip, encoder_versions, process_image
-from pipeline.shard_format import (
+from pipeline.shards.imageproc import ImageConfig, ImageSkip, encoder_versions, process_image
+from pipeline.shards.shard_format import (
     MANIFEST_NAME,
     MAX_KEY_LEN,
     TIMM_INFO_NAME,
@@ -58,9 +58,9 @@ from pipeline.shard_format import (
     shard_filenames,
     timm_info,
 )
-from pipeline.sources import ItemRef, SourceListing, open_source, read_item
-from pipeline.val_labels import FORMATS as LABEL_FORMATS
-from pipeline.val_labels import ValLabels, image_stem, load_class_map, load_val_labels
+from pipeline.shards.sources import ItemRef, SourceListing, open_source, read_item
+from pipeline.shards.val_labels import FORMATS as LABEL_FORMATS
+from pipeline.shards.val_labels import ValLabels, image_stem, load_class_map, load_val_labels
 
 TOOL_VERSION = "1.1"  # 1.1: per-sample crc32 instead of sha256 in KEY.json
 STATE_DIR = ".shard-state"

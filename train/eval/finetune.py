@@ -2,7 +2,7 @@
 
     ./launch.sh finetune --ckpt RUN_DIR_OR_FILE --data TRAIN_SHARDS --eval-data EVAL_SHARDS [--field-name value ...]
 
-The encoder becomes timm's VisionTransformer (train.encoder.ViTEncoder: uint8 NHWC batches in, channels-last)
+The encoder becomes timm's VisionTransformer (train.eval.encoder.ViTEncoder: uint8 NHWC batches in, channels-last)
 with a new head on the global pool (or the cls token). Defaults are MAE's ViT-B recipe with SupMAE's base lr
 (../shared/FACTS.md section 1): 100 epochs (5 warm-up), effective batch 1024 (128 per GPU on 8), AdamW (0.9,
 0.999), blr 1e-3, weight decay 0.05, layer-wise lr decay 0.65 (0.75 beyond 12 blocks; timm's
@@ -27,11 +27,11 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
-from pipeline.loader import Batch
+from pipeline.loaders.base import Batch
 from train.config import option_field as _f
 from train.distributed import DistEnv
-from train.encoder import GLOBAL_POOLS, PretrainedSource, build_vit, encoder_forward_flops
-from train.supervised import ClassifierTask, Protocol, SupervisedConfig, trunc_normal_head
+from train.eval.encoder import GLOBAL_POOLS, PretrainedSource, build_vit, encoder_forward_flops
+from train.eval.supervised import ClassifierTask, Protocol, SupervisedConfig, trunc_normal_head
 
 
 def default_layer_decay(depth: int) -> float:

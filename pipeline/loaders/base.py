@@ -1,10 +1,12 @@
-"""Public interface of the data loaders: `LoaderConfig`, `Batch`, the `Loader` protocol and `build_loader`.
+"""Public interface of the data loaders: `LoaderConfig`, `Batch`, the `Loader` protocol and `LoaderBase`.
 
-Two backends read the same shard folder (`pipeline.shard_format`) with the same semantics:
+`pipeline.loaders.build.build_loader` validates a shard folder and makes the configured backend.
 
-* `backend="dali"` (`pipeline.dali_loader`): DALI decodes and augments, on the GPU (`mixed` nvJPEG decoding) or on
+Two backends read the same shard folder (`pipeline.shards.shard_format`) with the same semantics:
+
+* `backend="dali"` (`pipeline.loaders.dali_loader`): DALI decodes and augments, on the GPU (`mixed` nvJPEG decoding) or on
   the CPU backend; the fast path.
-* `backend="torch"` (`pipeline.torch_loader`): PIL + torchvision transforms in `DataLoader` workers; for machines
+* `backend="torch"` (`pipeline.loaders.torch_loader`): PIL + torchvision transforms in `DataLoader` workers; for machines
   without DALI and as the baseline of `./launch.sh bench pipeline`.
 
 Semantics shared by both (docs/data-pipeline.md has the user-facing version):
@@ -39,7 +41,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pipeline.shard_format import (
+from pipeline.loaders.throughput import ThroughputStats
+from pipeline.shards.shard_format import (
     IMAGE_EXT,
     LABEL_EXT,
     VERIFY_HINT,
@@ -48,7 +51,6 @@ from pipeline.shard_format import (
     check_shard_files,
     load_manifest,
 )
-from pipeline.throughput import ThroughputStats
 
 BACKENDS = ("dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
@@ -444,23 +446,3 @@ class LoaderBase:
 
     def _load_backend_state(self, state: dict) -> None:
         pass
-
-
-def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> LoaderBase:
-    """Validate the data (manifest, every shard and index present with its size) and make the configured loader.
-
-    rank / world_size: this process's place among the data-parallel ranks (shard_id / num_shards).
-    """
-    shards = ShardSet.open(cfg.data)
-    layout = RankLayout(shards.num_samples, world_size, rank, cfg.batch_size, bool(cfg.drop_last))
-    device = resolve_device(cfg.device)
-    if cfg.backend == "dali":
-        try:
-            from pipeline.dali_loader import DaliLoader
-        except ImportError as e:
-            raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); run `./launch.sh setup` or use "
-                              "backend='torch'") from e
-        return DaliLoader(cfg, shards, layout, device)
-    from pipeline.torch_loader import TorchLoader
-
-    return TorchLoader(cfg, shards, layout, device)

@@ -2,7 +2,7 @@
 
     ./launch.sh linprobe --ckpt RUN_DIR_OR_FILE --data TRAIN_SHARDS --eval-data EVAL_SHARDS [--field-name value ...]
 
-The encoder (train.encoder.ViTEncoder) is frozen, kept in eval mode and run without gradients (in bf16 autocast on
+The encoder (train.eval.encoder.ViTEncoder) is frozen, kept in eval mode and run without gradients (in bf16 autocast on
 GPUs); its feature is the cls token after the final norm (MAE's linear-probe setting) or the mean of the normed
 patch tokens (`--feature avg`, the feature SupMAE's classification branch sees). The head is MAE's:
 BatchNorm1d(affine=False, eps=1e-6) + Linear, trained with LARS (timm's `Lars`, trust coefficient 0.001, layer
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from timm.optim import Lars
 from torch import Tensor, nn
 
-from pipeline.loader import Batch
+from pipeline.loaders.base import Batch
 from train.config import option_field as _f
 from train.distributed import DistEnv
-from train.encoder import GLOBAL_POOLS, PretrainedSource, ViTEncoder, build_vit, encoder_forward_flops
-from train.supervised import ClassifierTask, Protocol, SupervisedConfig, trunc_normal_head
+from train.eval.encoder import GLOBAL_POOLS, PretrainedSource, ViTEncoder, build_vit, encoder_forward_flops
+from train.eval.supervised import ClassifierTask, Protocol, SupervisedConfig, trunc_normal_head
 
 LARS_TRUST = 1e-3  # MAE's LARS trust coefficient
 

@@ -2,7 +2,7 @@
 budgets with the real trainer, evaluate checkpoints along the way, and hand the run folders to the analysis.
 
     cfg = ComparisonConfig(data="shards/train", eval_data="shards/val", out="runs/cmp", budgets=(0.02,))
-    outcome = run_comparison(cfg, say=print)      # run folders + train.compute_report.Analysis
+    outcome = run_comparison(cfg, say=print)      # run folders + train.compare.report.Analysis
     # ./launch.sh bench compute --data ... and ./launch.sh demo are thin front ends of this
 
 Budgets (`budget_unit`):
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from pipeline.fileio import atomic_write_json
-from pipeline.shard_format import load_manifest
+from pipeline.shards.shard_format import load_manifest
 from train.checkpoint import CHECKPOINT_DIR, checkpoint_name, list_checkpoints
-from train.compute_report import Analysis, Method, RunData, analyse, group_runs, load_run, method_label
+from train.compare.report import Analysis, Method, RunData, analyse, group_runs, load_run, method_label
 from train.config import TrainConfig, build_config, parse_overrides
 
 BUDGET_UNITS = ("pflops", "epochs")
@@ -306,7 +306,7 @@ def _checkpoint(run: PlannedRun, step: int) -> Path:
 
 
 def _result_file(run: PlannedRun, step: int, protocol: str) -> Path:
-    from train.results import result_path
+    from train.eval.results import result_path
 
     return result_path(_checkpoint(run, step), protocol)
 
@@ -329,10 +329,10 @@ class _Evaluator:
         return self._loaders[key]
 
     def knn(self, run: PlannedRun, checkpoint: Path) -> dict[str, Any]:
-        from train.encoder import encoder_forward_flops, resolve_source
         from train.entry import device_name, software_versions
-        from train.knn import KnnSettings, knn_eval
-        from train.results import make_result, write_result
+        from train.eval.encoder import encoder_forward_flops, resolve_source
+        from train.eval.knn import KnnSettings, knn_eval
+        from train.eval.results import make_result, write_result
 
         source = resolve_source(checkpoint)
         img_size = source.model_cfg.img_size
@@ -340,7 +340,7 @@ class _Evaluator:
         settings = KnnSettings(k=self.cfg.knn_k, temperature=self.cfg.knn_temperature,
                                train_samples=self.cfg.knn_bank, feature=self.cfg.knn_feature)
         result = knn_eval(source, bank, queries, settings, self.env)
-        # The record `./launch.sh knn` writes for the same evaluation (train/knn.py run()).
+        # The record `./launch.sh knn` writes for the same evaluation (train/eval/knn.py run()).
         record = make_result(
             "knn", source, {"top1": result.top1, "top5": result.top5, "samples": result.samples,
                             "bank": result.bank, "feature_dim": result.feature_dim},
@@ -356,7 +356,7 @@ class _Evaluator:
         """Linear probe / fine-tune of the checkpoint with that protocol's own entry (it writes the result)."""
         import importlib
 
-        module = importlib.import_module(f"train.{protocol}")
+        module = importlib.import_module(f"train.eval.{protocol}")
         argv = ["--ckpt", str(checkpoint), "--data", self.cfg.data, "--eval-data", self.cfg.eval_data,
                 "--device", self.cfg.device, "--display", "off", "--seed", str(self.cfg.seed), "--resume", "auto",
                 *self.cfg.protocol_args.get(protocol, ())]
@@ -510,8 +510,8 @@ def shard_imagefolder(src: str | os.PathLike, out: str | os.PathLike, *, name: s
     `src/validation`) when present, else `src` itself with `holdout` of every class held out. The held-out split
     uses the training split's class map. `name`: the data set's name in the shard file names and manifests
     (default: `src`'s folder name). Returns (train shards, eval shards); already complete shards are reused."""
-    from pipeline.imageproc import ImageConfig
-    from pipeline.sharding import ShardConfig, default_workers, run_sharding
+    from pipeline.shards.imageproc import ImageConfig
+    from pipeline.shards.sharding import ShardConfig, default_workers, run_sharding
 
     src, out = Path(src), Path(out)
     if not src.is_dir():

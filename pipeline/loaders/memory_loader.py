@@ -1,4 +1,4 @@
-"""An in-memory loader: the `pipeline.loader.Loader` protocol over batches made by a function, with no I/O.
+"""An in-memory loader: the `pipeline.loaders.base.Loader` protocol over batches made by a function, with no I/O.
 
 For benchmarks that must measure the model or the trainer without the data pipeline, and for tests that need a
 deterministic loader with an exact position.
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pipeline.loader import Batch
-from pipeline.throughput import ThroughputStats
+from pipeline.loaders.base import Batch
+from pipeline.loaders.throughput import ThroughputStats
 
 
 class InMemoryLoader:
-    """The pipeline.loader protocol over batches made by `make(epoch, index) -> Batch` (deterministic, no I/O):
+    """The pipeline.loaders.base protocol over batches made by `make(epoch, index) -> Batch` (deterministic, no I/O):
     synthetic data for benchmarks and tests. The position advances when a batch is handed over, as in the real
     loaders, so `state_dict` / `load_state_dict` resume exactly."""
 

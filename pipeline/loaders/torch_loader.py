@@ -1,7 +1,7 @@
 """The torch backend: webdataset tar reading + PIL + torchvision transforms in `DataLoader` workers.
 
 For machines without DALI, and the baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
-semantics as the DALI loader (`pipeline.loader`): DALI's rank ranges and padding (`RankLayout`), labels from the
+semantics as the DALI loader (`pipeline.loaders.base`): DALI's rank ranges and padding (`RankLayout`), labels from the
 `.lbl` member, train = shard order reshuffled per epoch from the seed (same on every rank) + a shuffle buffer of
 `shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ torchvision's RandAugment with
 augment="finetune": the operation set and magnitude ranges of DALI's suite, bilinear warps, grey fill), eval =
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.loader import (
+from pipeline.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     RANDAUG_BINS,
@@ -41,7 +41,7 @@ from pipeline.loader import (
     ShardSet,
     derive_seed,
 )
-from pipeline.shard_format import (
+from pipeline.shards.shard_format import (
     IMAGE_EXT,
     LABEL_EXT,
     TAR_BLOCK,

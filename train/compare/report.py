@@ -7,7 +7,7 @@ per method, and the compute each method needs to reach another method's best acc
 
 Input (docs/run-folder.md): a run folder's `config.json` (model, data set), `metrics.jsonl` ("train" records: the
 training curve against cumulative FLOPs and device-hours) and the evaluation result files beside its checkpoints,
-`checkpoints/<stem>.<protocol>.json` (train/results.py: top-1 of k-NN, linear probe or fine-tune, with the
+`checkpoints/<stem>.<protocol>.json` (train/eval/results.py: top-1 of k-NN, linear probe or fine-tune, with the
 cumulative pre-training images, FLOPs and device-hours of that checkpoint). Checkpoint files need not exist any
 more (pruned checkpoints leave their results).
 
@@ -44,7 +44,7 @@ from typing import Any
 
 AXES: dict[str, str] = {"pflops": "training PFLOPs", "device_hours": "device-hours"}
 PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear-probe", "finetune": "fine-tune"}
-RESULT_FORMAT = "supmae-fast-eval"  # train/results.py's format tag (read here without importing the eval stack)
+RESULT_FORMAT = "supmae-fast-eval"  # train/eval/results.py's format tag (read here without importing the eval stack)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,29 @@
+"""`build_loader`: validate a shard folder and make the configured backend's loader.
+
+Kept apart from `pipeline.loaders.base` because the backends build on that module's `LoaderBase`: the choice of a
+backend imports them, and they import the base, never the other way round.
+"""
+
+from __future__ import annotations
+
+from pipeline.loaders.base import LoaderBase, LoaderConfig, RankLayout, ShardSet, resolve_device
+
+
+def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> LoaderBase:
+    """Validate the data (manifest, every shard and index present with its size) and make the configured loader.
+
+    rank / world_size: this process's place among the data-parallel ranks (shard_id / num_shards).
+    """
+    shards = ShardSet.open(cfg.data)
+    layout = RankLayout(shards.num_samples, world_size, rank, cfg.batch_size, bool(cfg.drop_last))
+    device = resolve_device(cfg.device)
+    if cfg.backend == "dali":
+        try:
+            from pipeline.loaders.dali_loader import DaliLoader
+        except ImportError as e:
+            raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); run `./launch.sh setup` or use "
+                              "backend='torch'") from e
+        return DaliLoader(cfg, shards, layout, device)
+    from pipeline.loaders.torch_loader import TorchLoader
+
+    return TorchLoader(cfg, shards, layout, device)
