@@ -147,6 +147,8 @@ def test_result_files_carry_the_checkpoints_step_and_compute(data, pretrained, t
     assert r6["samples"] == 11 and 0 <= r6["top1"] <= r6["top5"] <= 1
     assert r6["metrics"]["bank"] == 32 and r6["settings"]["k"] == 20 and r6["model"]["embed_dim"] == 32
     assert r6["eval_cost"]["images"] == 32 + 11 and r6["world_size"] == 1 and r6["device"] == "cpu"
+    assert (r6["environment"]["device"], r6["environment"]["torch_cuda"], r6["environment"]["compile"]) == (
+        "cpu", torch.version.cuda, False)
 
     r3 = read_result(result_path(ck3, "knn"))  # step 3 has no metrics.jsonl record: the checkpoint's totals
     ck = read_checkpoint(ck3)
@@ -157,6 +159,7 @@ def test_result_files_carry_the_checkpoints_step_and_compute(data, pretrained, t
     probe = read_result(result_path(ck6, "linprobe"))  # several protocols beside one checkpoint, no collision
     assert probe["protocol"] == "linprobe" and probe["step"] == 6 and probe["best"]["epoch"] == 1
     assert probe["eval_cost"]["steps"] == 4 and probe["eval_cost"]["images"] == 32
+    assert probe["environment"]["device"] == "cpu" and probe["environment"]["compile"] is False
     assert read_result(pretrained / "eval" / "step-000000006.linprobe" / "eval.json") == probe  # default --out
 
 

@@ -18,6 +18,9 @@ from train.config import config_from_args
 from train.distributed import DistEnv, seed_all
 from train.metrics import EVAL_FIELDS, TIMING_FIELDS, TRAIN_FIELDS, RunLog
 from train.pretrain import SetupError, run
+from train.system.builds import installed_dali
+from train.system.device import describe_environment
+from train.system.nvidia import detect_nvidia
 from train.trainer import NonFiniteError, Trainer
 
 TINY_MODEL = ["--model", "supmae_vit_tiny_patch16", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
@@ -103,7 +106,13 @@ def test_run_folder_metrics_checkpoint_and_eval(shards, tmp_path):
                     "--tensorboard", "--keep", "1", "--keep-every", "2") == 0
 
     config = json.loads((out / "config.json").read_text())
-    assert set(config) == {"train", "model", "derived", "versions", "command"}
+    assert set(config) == {"train", "model", "derived", "versions", "environment", "command"}
+    dali = installed_dali()
+    assert config["environment"] == {
+        "device": "cpu", "gpu": None, "gpu_count": 0, "machine_gpus": len(detect_nvidia().gpus),
+        "driver": detect_nvidia().driver, "driver_cuda": detect_nvidia().cuda_version, "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda, "dali": f"{dali[0].dali_package} {dali[1]}" if dali else None,
+        "fused_masking": "off", "compile": False}
     assert config["model"]["num_classes"] == 3  # from the data set's manifest
     flops_per_image = create_model("supmae_vit_tiny_patch16", **{k: config["model"][k] for k in config["model"]}) \
         .train_flops_per_image(0.75)
@@ -129,6 +138,7 @@ def test_run_folder_metrics_checkpoint_and_eval(shards, tmp_path):
     assert all(0.0 <= r["top1"] <= 1.0 for r in evals)
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert "processes: 1 on cpu, precision fp32, compile off, fused masking off" in (out / "log.txt").read_text()
+    assert describe_environment(config["environment"]) in (out / "log.txt").read_text()
 
     # --keep 1 keeps the newest; --keep-every 2 keeps epoch 2's for good
     assert [ck.path.name for ck in list_checkpoints(out / "checkpoints")] == ["epoch-0002-step-000000012.pt"]

@@ -230,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
+    from train.system.device import check_device
+
     console = Console(width=None if sys.stdout.isatty() else 200)
     say = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     try:
         cfg = DemoConfig(out=args.out, data=args.data, budget=args.budget, budget_unit=args.budget_unit,
                          evals=args.evals, knn_bank=args.knn_bank, holdout=args.holdout, seed=args.seed,
                          device=args.device, quick=args.quick, train_args=tuple(args.train_args))
+        check_device(cfg.device)  # a GPU torch cannot use stops the demo before it makes anything
         report, report_dir = run_demo(cfg, say)
     except (ValueError, FileNotFoundError) as e:
         print(f"demo: error: {e}", file=sys.stderr)

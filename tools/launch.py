@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from train.distributed import DEFAULT_MASTER_PORT, expand_nodelist, slurm_master_port
+from train.system.device import check_device
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nproc, dry, rest = _split_launcher_options(rest)
         module = importlib.import_module(proto.module)
-        if hasattr(module, "check"):
-            module.check(rest)
+        cfg = module.check(rest) if hasattr(module, "check") else None
+        # A GPU torch cannot use stops the run here, once, before any process starts (train.system.device).
+        check_device(getattr(cfg, "device", "auto"))
         plan = plan_launch(os.environ, _visible_gpus(), nproc)
     except SystemExit as e:  # --help
         return int(e.code or 0)

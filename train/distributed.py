@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train.system.device import check_device
+
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -110,12 +112,12 @@ def rank_info(env: Mapping[str, str]) -> RankInfo:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this process's GPU when CUDA is available, else the CPU."""
+    """"auto" -> this process's GPU when CUDA is available, else the CPU. Raises DeviceError (a ValueError) for
+    "cuda" without a usable GPU, and for "auto" on a machine whose GPUs torch cannot use (train.system.device)."""
+    check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but CUDA is not available; use --device auto or cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

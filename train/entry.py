@@ -33,6 +33,9 @@ from train.checkpoint import (
 from train.config import LoopConfig
 from train.distributed import DistEnv, StopRequest, broadcast_object, destroy_distributed, init_distributed
 from train.metrics import RunLog
+from train.system.builds import installed_dali
+from train.system.device import DeviceError, describe_environment, environment_record
+from train.system.nvidia import detect_nvidia
 
 if TYPE_CHECKING:
     from train.trainer import Trainer
@@ -53,7 +56,11 @@ def protocol_main(name: str, argv: list[str], check: Callable[[list[str]], Any],
     except (ValueError, FileNotFoundError, ShardFormatError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    env = init_distributed(cfg.device)
+    try:
+        env = init_distributed(cfg.device)
+    except DeviceError as e:  # a GPU torch cannot use: stop before any work
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
     # Handlers go in before the (slow) build, so an early SIGTERM still ends in a checkpoint and exit 0.
     stop = StopRequest(env)
     try:
@@ -153,10 +160,20 @@ def start_trainer(trainer: Trainer, run_config: dict[str, Any], resume: tuple[st
             notes.append(note)
         trainer.load_state_dict(state)
         notes.append(f"resumed from {path} at step {trainer.step} (epoch {trainer.loader.epoch})")
+    run_config["environment"] = run_environment(trainer, env)
+    if trainer.log is not None:
+        trainer.log.message(describe_environment(run_config["environment"]))
     # Plain JSON types only: checkpoints are read back with torch.load(weights_only=True).
     trainer.run_config = json.loads(json.dumps(run_config))
     if env.is_main:
         atomic_write_json(out / CONFIG_NAME, trainer.run_config)
+
+
+def run_environment(trainer: Trainer, env: DistEnv) -> dict[str, Any]:
+    """The environment record (train.system.device) of a trainer's run; rank 0 asks the driver."""
+    model_cfg = getattr(trainer.model, "cfg", None)
+    return environment_record(env.device, fused_masking=getattr(model_cfg, "fused_masking", None),
+                              compile=trainer.compiled, nvidia=detect_nvidia() if env.is_main else None)
 
 
 def build_eval_loader(data: str, batch_size: int, img_size: int, backend: str, threads: int, seed: int,
@@ -201,8 +218,9 @@ def software_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    dali = installed_dali()
     return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": v("timm"),
-            "dali": v("nvidia-dali-cuda130") or v("nvidia-dali-cuda120")}
+            "dali": dali[1] if dali else None}
 
 
 def device_name(device: torch.device) -> str:

@@ -4,7 +4,10 @@ Each subcommand lives in `tools/bench/<name>.py` and provides:
     DESCRIPTION: str
     add_arguments(parser)            its own options (the common ones below are added here)
     run(args) -> BenchReport         turns args into its typed config first thing, measures, returns the report
-Modules are imported only when chosen, so e.g. `bench kernels` works on a machine without DALI.
+    device_of(args) -> str | None    optional: the device it measures on ("auto", "cpu", "cuda[:N]"), None = none;
+                                     default: its --device option, "auto" when it has none or leaves it unset
+Modules are imported only when chosen, so e.g. `bench kernels` works on a machine without DALI. A machine whose
+GPUs torch cannot use stops a benchmark on "auto" before it measures anything (train.system.device).
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     add_common_arguments(parser)
     args = parser.parse_args(argv[1:])
+    device = module.device_of(args) if hasattr(module, "device_of") else (getattr(args, "device", None) or "auto")
+    if device is not None:
+        from train.system.device import DeviceError, check_device
+
+        try:
+            check_device("cuda" if device.startswith("cuda") else device)
+        except DeviceError as e:
+            print(f"bench {name}: error: {e}", file=sys.stderr)
+            return 2
     report = module.run(args)
     report.print()
     report.write(json_path=args.json, markdown_path=args.markdown)

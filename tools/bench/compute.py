@@ -256,6 +256,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pre-training overrides for every recipe after `--`, e.g. -- --batch-size 256")
 
 
+def device_of(args: argparse.Namespace) -> str | None:
+    """Reading run folders (--runs) needs no device; a matched comparison trains on --device."""
+    return None if args.runs else args.device
+
+
 def comparison_config(args: argparse.Namespace):
     from train.compare.runner import ComparisonConfig, protocol_args_from_text
 

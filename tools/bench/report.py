@@ -43,23 +43,32 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model and cores, GPU name, library versions, date: printed with every benchmark result."""
+    """CPU model and cores, GPU name, driver, library versions and builds, date: printed with every benchmark
+    result."""
     import torch
+
+    from train.system.builds import installed_dali
+    from train.system.nvidia import detect_nvidia
 
     gpu = None
     if torch.cuda.is_available():
         gpu = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    dali = _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda120")
+    nvidia = detect_nvidia()
+    dali = installed_dali()
     return {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node(),
         "cpu": _cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "gpu": gpu,
+        "driver": nvidia.driver,
+        "driver_cuda": nvidia.cuda_version,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
-        "dali": dali,
+        "dali": dali[1] if dali else None,
+        "dali_package": dali[0].dali_package if dali else None,
         "timm": _version("timm"),
     }
 
@@ -149,7 +158,10 @@ class BenchReport:
     def machine_line(self) -> str:
         m = self.machine
         gpu = m.get("gpu") or "no GPU"
-        return (f"{m.get('cpu')} ({m.get('cpu_cores')} cores), {gpu}; torch {m.get('torch')}, "
+        if m.get("driver"):
+            gpu += f" (driver {m['driver']}, CUDA {m.get('driver_cuda')})"
+        build = f" (CUDA {m['torch_cuda']})" if m.get("torch_cuda") else ""
+        return (f"{m.get('cpu')} ({m.get('cpu_cores')} cores), {gpu}; torch {m.get('torch')}{build}, "
                 f"triton {m.get('triton')}, DALI {m.get('dali')}, timm {m.get('timm')}; {m.get('date')}")
 
     def to_markdown(self) -> str:

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="scratch folder (default: a temporary folder, removed afterwards)")
 
 
+def device_of(args: argparse.Namespace) -> None:
+    """Sharding runs on the CPU only."""
+    return None
+
+
 def _config(args: argparse.Namespace) -> BenchShardConfig:
     return BenchShardConfig(
         data=Path(args.data),

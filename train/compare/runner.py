@@ -333,6 +333,7 @@ class _Evaluator:
         from train.eval.encoder import encoder_forward_flops, resolve_source
         from train.eval.knn import KnnSettings, knn_eval
         from train.eval.results import make_result, write_result
+        from train.system.device import environment_record
 
         source = resolve_source(checkpoint)
         img_size = source.model_cfg.img_size
@@ -348,7 +349,8 @@ class _Evaluator:
              "batch_size": self.cfg.eval_batch_size, "img_size": img_size},
             {"images": result.images, "flops": encoder_forward_flops(source.model_cfg) * result.images,
              "seconds": result.seconds, "device_hours": result.seconds / 3600},
-            1, device_name(self.env.device), software_versions())
+            1, device_name(self.env.device), software_versions(),
+            environment=environment_record(self.env.device, compile=settings.compile))
         write_result(record)
         return record
 

@@ -62,6 +62,8 @@ from train.eval.encoder import (
     resolve_source,
 )
 from train.eval.results import make_result, write_result
+from train.system.device import describe_environment, environment_record
+from train.system.nvidia import detect_nvidia
 from train.trainer import DTYPES, resolve_compile, resolve_precision
 
 TOPK = (1, 5)
@@ -317,9 +319,14 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
                    for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
-    result = knn_eval(source, loaders[0], loaders[1], cfg.settings(env.device), env, cfg.img_size)
+    settings = cfg.settings(env.device)
+    environment = environment_record(env.device, compile=settings.compile,
+                                     nvidia=detect_nvidia() if env.is_main else None)
     if env.is_main:
-        record = knn_record(source, result, {**cfg.to_dict(), "img_size": img_size}, env)
+        print(f"knn: {describe_environment(environment)}", file=sys.stderr)
+    result = knn_eval(source, loaders[0], loaders[1], settings, env, cfg.img_size)
+    if env.is_main:
+        record = knn_record(source, result, {**cfg.to_dict(), "img_size": img_size}, env, environment)
         for path in write_result(record, cfg.out or None, say=lambda m: print(f"knn: {m}", file=sys.stderr)):
             print(f"knn: result {path}")
         print(f"knn: {source.name} (step {source.step}): top-1 {100 * result.top1:.2f}%  top-5 "
@@ -329,9 +336,10 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
 
 
 def knn_record(source: PretrainedSource, result: KnnResult, settings: dict[str, Any],
-               env: DistEnv | None = None) -> dict[str, Any]:
+               env: DistEnv | None = None, environment: dict[str, Any] | None = None) -> dict[str, Any]:
     """The result record (train.eval.results) of a k-NN evaluation of `source`; `settings` is stored as given (the
-    command line's fields, or the caller's KnnSettings plus data folders), it should hold "img_size"."""
+    command line's fields, or the caller's KnnSettings plus data folders), it should hold "img_size"; environment:
+    train.system.device.environment_record of the run."""
     env = env or DistEnv()
     img_size = settings.get("img_size") or source.model_cfg.img_size
     flops = encoder_forward_flops(source.model_cfg, img_size) * result.images
@@ -341,7 +349,7 @@ def knn_record(source: PretrainedSource, result: KnnResult, settings: dict[str, 
         settings,
         {"images": result.images, "flops": flops, "seconds": result.seconds,
          "device_hours": result.seconds * env.world_size / 3600},
-        env.world_size, device_name(env.device), software_versions())
+        env.world_size, device_name(env.device), software_versions(), environment=environment)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ PROTOCOLS = ("knn", "linprobe", "finetune")
 RESULT_FIELDS = (
     "format", "version", "protocol", "checkpoint", "source", "run", "step", "epoch", "pretrain_images",
     "pretrain_flops", "pretrain_device_hours", "pretrain_compute_source", "top1", "top5", "samples", "metrics", "best",
-    "eval_cost", "settings", "model", "world_size", "device", "versions", "time",
+    "eval_cost", "settings", "model", "world_size", "device", "versions", "environment", "time",
 )
 
 
@@ -41,10 +41,11 @@ def result_path(checkpoint: str | Path, protocol: str) -> Path:
 
 def make_result(protocol: str, source: PretrainedSource, metrics: dict[str, Any], settings: dict[str, Any],
                 eval_cost: dict[str, Any], world_size: int, device: str, versions: dict[str, Any],
-                best: dict[str, Any] | None = None) -> dict[str, Any]:
+                best: dict[str, Any] | None = None, environment: dict[str, Any] | None = None) -> dict[str, Any]:
     """The result record (field order = RESULT_FIELDS). metrics: {"top1", "top5", "samples", ...} (all of them are
     kept under "metrics"); eval_cost: what the evaluation itself spent ({"images", "flops", "seconds",
-    "device_hours", ...}); best: the best evaluation during training (fine-tune / probe)."""
+    "device_hours", ...}); best: the best evaluation during training (fine-tune / probe); environment: the
+    run's train.system.device.environment_record."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     compute = source.compute or {}
@@ -72,6 +73,7 @@ def make_result(protocol: str, source: PretrainedSource, metrics: dict[str, Any]
         "world_size": world_size,
         "device": device,
         "versions": versions,
+        "environment": environment,
         "time": time.time(),
     }
 

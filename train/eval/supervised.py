@@ -276,7 +276,8 @@ class Protocol:
                     "num_classes": task.num_classes, "effective_batch": cfg.effective_batch(env.world_size),
                     "peak_lr": trainer.peak_lr}
         result = make_result(self.name, source, {**metrics, "step": trainer.step}, settings, eval_cost,
-                             env.world_size, device_name(env.device), software_versions(), best=task.best)
+                             env.world_size, device_name(env.device), software_versions(), best=task.best,
+                             environment=trainer.run_config.get("environment"))
         for path in write_result(result, cfg.out, say=log.message):
             log.message(f"result: {path}")
         log.message(f"{self.name} top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  on "
