@@ -86,7 +86,10 @@ def test_commands_stop_before_any_work(machine, tmp_path, tiny_shards, capsys):
         assert "error: this machine has 8 x NVIDIA H100 80GB HBM3, driver 570.124.06 (CUDA 12.8)" in err, argv
         assert "SUPMAE_TORCH_CUDA=128 ./launch.sh setup" in err and "--device cpu" in err
         assert not out.exists(), argv
-    # --device cpu insists: the launcher gets past the check (--dry-run stops before training).
+    # The launcher checks once, before it starts any process (--dry-run stops right after its checks).
+    assert tools.launch.main(["pretrain", "--dry-run", "--data", str(shards), "--out", str(out)]) == 2
+    assert "SUPMAE_TORCH_CUDA=128 ./launch.sh setup" in capsys.readouterr().err
+    # --device cpu insists: the launcher gets past the check.
     assert tools.launch.main(["pretrain", "--dry-run", "--data", str(shards), "--out", str(out), "--device",
                               "cpu"]) == 0
 

@@ -166,6 +166,31 @@ def test_the_stamp_is_compared_on_every_command(project):
     assert _help_ran(project.run("bench", "--help")) and len(project.installs()) == 6
 
 
+def _fake_installed(venv: Path, torch_cuda: str, dali: str) -> None:
+    """Make `venv` look as if torch (built for `torch_cuda`) and the DALI package `dali` were installed."""
+    site = venv / f"lib/python{PYVER}/site-packages"
+    for name, version in (("torch", "2.14.1"), (dali.replace("-", "_"), "2.4.0")):
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (site / "torch").mkdir()
+    (site / "torch" / "version.py").write_text(f"__version__ = '2.14.1'\ncuda: Optional[str] = '{torch_cuda}'\n")
+
+
+def test_another_build_replaces_the_installed_one(project):
+    _fake_installed(project.venv, "13.0", "nvidia-dali-cuda130")
+    res = project.run("bench", "--help", SUPMAE_TORCH_CUDA="128", SUPMAE_DALI_CUDA="120")
+    assert _help_ran(res), res.stderr
+    assert "launch.sh: replacing torch's cu130 build by the cu128 build" in res.stderr
+    calls = [line for line in project.log() if line.startswith("pip ")]
+    # pip would keep torch 2.14.1 (the version satisfies the pins): the other build goes first; the other DALI
+    # package (the same `nvidia.dali` module) goes after.
+    assert calls[0] == "pip uninstall --disable-pip-version-check -y -q torch torchvision"
+    assert "--index-url https://download.pytorch.org/whl/cu128" in calls[1] and " -r " in calls[2]
+    assert calls[3] == "pip uninstall --disable-pip-version-check -y -q nvidia-dali-cuda130"
+    assert len(calls) == 4
+
+
 def _break(venv: Path, how: str) -> str:
     """Break `venv` as `how` says; returns launch.sh's words for the problem."""
     if how == "interpreter missing":
