@@ -142,3 +142,16 @@ def copying_download(wheels: list[Path]):
             shutil.copy(w, dest / w.name)
 
     return run
+
+
+def launch_copy(root: Path) -> Path:
+    """A project folder at `root` for running launch.sh: its own launch.sh, pyproject.toml (edit at will) and
+    .venv place; the code folders the set-up imports are links to this checkout's."""
+    project = Path(__file__).resolve().parents[1]
+    root.mkdir(parents=True)
+    for f in ("launch.sh", "pyproject.toml"):
+        (root / f).write_bytes((project / f).read_bytes())
+    (root / "launch.sh").chmod(0o755)
+    for d in ("tools", "train", "pipeline"):
+        (root / d).symlink_to(project / d)
+    return root

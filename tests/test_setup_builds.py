@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.setup_testdata import H100, RECORDED, fake_proc, machine_env
+from tests.setup_testdata import H100, RECORDED, fake_proc, launch_copy, machine_env
 from tools.install.plan import make_plan, requirement_name, requirements_for
 from train.system.builds import (
     DALI_BUILDS,
@@ -190,13 +190,7 @@ def test_the_installer_runs_on_the_standard_library_alone(tmp_path):
 ])
 def test_launch_setup_dry_run_with_a_fake_nvidia_smi(tmp_path, name, expect, rc):
     # The real launch.sh and installer, a stand-in nvidia-smi on PATH; nothing is created or installed.
-    root = tmp_path / "clone"
-    root.mkdir()
-    for f in ("launch.sh", "pyproject.toml"):
-        (root / f).write_bytes((ROOT / f).read_bytes())
-    (root / "launch.sh").chmod(0o755)
-    for d in ("tools", "train", "pipeline"):
-        (root / d).symlink_to(ROOT / d)
+    root = launch_copy(tmp_path / "clone")
     env = machine_env(tmp_path, RECORDED[name] if name else None)
     env["SUPMAE_PYTHON"] = sys.executable
     res = subprocess.run([str(root / "launch.sh"), "setup", "--dry-run"], env=env, capture_output=True, text=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.setup_testdata import copying_download, machine_env, make_wheel
+from tests.setup_testdata import copying_download, launch_copy, machine_env, make_wheel
 from tools.install.bundle import Target, make_bundle, parse_size
 from tools.install.plan import make_plan
 from train.system.builds import build_by_key
@@ -99,13 +99,7 @@ class Project:
 
 @pytest.fixture
 def project(tmp_path) -> Project:
-    root = tmp_path / "project"
-    root.mkdir()
-    for f in ("launch.sh", "pyproject.toml"):
-        (root / f).write_bytes((ROOT / f).read_bytes())
-    (root / "launch.sh").chmod(0o755)
-    for d in ("tools", "train", "pipeline"):
-        (root / d).symlink_to(ROOT / d)
+    root = launch_copy(tmp_path / "project")
     pip_log, venv_log = tmp_path / "pip.log", tmp_path / "venv.log"
     fake_pip = tmp_path / "fake-pip"
     fake_pip.write_text(FAKE_PIP.format(log=shlex.quote(str(pip_log))))
