@@ -82,6 +82,15 @@ def test_parts_cut_and_reassemble_exactly(tmp_path, sizes, part):
         assert (wheels / f.name).read_bytes() == f.read_bytes()
 
 
+def test_bundle_refuses_an_unsupported_python(tmp_path, capsys):
+    from tools.install.__main__ import main
+
+    for bad in ("3.10", "3.14", "3"):
+        assert main(["bundle", str(tmp_path / "b"), "--python", bad, "--pyproject", str(ROOT / "pyproject.toml")]) == 2
+        assert f"--python {bad}: give a version from 3.11 up to, not including, 3.14" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_download_commands_pin_the_target(tmp_path):
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     plan = _plan(tmp_path / "pyproject.toml", "128", "120")

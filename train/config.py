@@ -64,7 +64,7 @@ class RunConfig:
     eval_data: str = _f("", "held-out shard folder ('' = none)")
     eval_batch_size: int = _f(0, "per-process batch for --eval-data (0 = --batch-size)")
     batch_size: int = _f(512, "batch per process (per GPU)")
-    device: str = _f("auto", "auto (cuda when available) | cuda | cpu")
+    device: str = _f("auto", "auto (the GPU; stops if torch cannot use one that is there) | cuda | cpu")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a gradient scaler) | fp32")
     compile: str = _f("auto", "torch.compile: auto (on for CUDA) | on | off  (--no-compile = off)")
     seed: int = _f(0, "seed of weights, augmentation and data order")

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +31,7 @@ from tools.install.installer import (
     up_to_date,
     write_stamp,
 )
-from tools.install.plan import Plan, make_plan, python_version
+from tools.install.plan import Plan, make_plan, python_version, supported_pythons
 from train.system.builds import TORCH_BUILDS, PlanError, build_by_key
 from train.system.nvidia import NvidiaInfo, detect_nvidia
 
@@ -100,6 +101,11 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
+    low, end = supported_pythons(args.pyproject)
+    m = re.fullmatch(r"(\d+)\.(\d+)", args.python)
+    if not m or not low <= (int(m.group(1)), int(m.group(2))) < end:
+        raise PlanError(f"--python {args.python}: give a version from {low[0]}.{low[1]} up to, not including, "
+                        f"{end[0]}.{end[1]} (pyproject.toml's requires-python)")
     torch = build_by_key("torch", args.torch_cuda)
     dali = build_by_key("dali", args.dali_cuda or ("130" if torch.cuda is None or torch.cuda >= (13, 0) else "120"))
     target = Target(args.python, args.arch, torch, dali)

@@ -50,6 +50,20 @@ def read_requirements(pyproject: Path) -> list[str]:
     return list(project.get("dependencies", [])) + list(project.get("optional-dependencies", {}).get("dev", []))
 
 
+def supported_pythons(pyproject: Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(lowest, first unsupported) Python of pyproject.toml's requires-python = ">=3.A,<3.B" (launch.sh reads the
+    same line)."""
+    try:
+        text = tomllib.loads(pyproject.read_text())["project"]["requires-python"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError) as e:
+        raise PlanError(f"cannot read requires-python of {pyproject}: {e}") from None
+    m = re.fullmatch(r">=\s*(\d+)\.(\d+)\s*,\s*<\s*(\d+)\.(\d+)", text.strip())
+    if not m:
+        raise PlanError(f"{pyproject}: requires-python must read \">=3.A,<3.B\", not {text!r}")
+    a, b, c, d = map(int, m.groups())
+    return (a, b), (c, d)
+
+
 def requirements_for(lines: list[str], dali: Build) -> list[str]:
     """`lines` with the DALI package of `dali`."""
     return [line.replace(DALI_IN_PYPROJECT, dali.dali_package) if requirement_name(line) == DALI_IN_PYPROJECT
