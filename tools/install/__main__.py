@@ -87,7 +87,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     if up_to_date(read_stamp(args.stamp), args.key, plan):
         say(f"{PROG}: {sys.prefix} is up to date (torch {plan.torch.build.tag}, {plan.dali.build.dali_package})")
         return 0
-    say(f"{PROG}: installing into {sys.prefix}; the first time takes a few minutes\n{plan.describe()}")
+    first = plan.installed == (None, None)
+    say(f"{PROG}: installing into {sys.prefix}" + ("; the first time takes a few minutes (about 6 GB)" if first
+                                                   else "") + f"\n{plan.describe()}")
     remove_stamp(args.stamp)
     try:
         install(plan, pip, None, say)

@@ -6,6 +6,7 @@
     OUT/wheels/*.whl         the wheels; or, with --part-size, instead:
     OUT/parts/part-000 ...   the wheels concatenated in manifest order, cut into parts of at most that size (for
                              transfers with size limits)
+    OUT/requirements.txt, OUT/constraints.txt   what pip was asked for (for reading; the manifest is the contract)
 
 `open_bundle` checks everything before pip sees a byte: each part's size and sha256 (a missing or damaged part is
 named), then, while reassembling, each wheel's sha256; an unsplit bundle's wheels are checked in place and a wheel
