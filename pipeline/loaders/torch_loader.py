@@ -259,7 +259,7 @@ class PlannedBatches(Dataset):
         return self.planner.layout.batches_per_epoch
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
+        from pipeline.shards.imagefile import STORED_FORMATS, load_image, open_image
 
         epoch, b = item
         if epoch != self._epoch:
@@ -279,8 +279,9 @@ class PlannedBatches(Dataset):
                 continue
             jpeg, labels[k] = self._reader.read(sid)
             try:
-                with Image.open(io.BytesIO(jpeg)) as im:
-                    img = im.convert("RGB")
+                im = open_image(jpeg, formats=STORED_FORMATS)  # the project's one way to open an image it reads
+                load_image(im, jpeg)
+                img = im.convert("RGB")
             except Exception as e:
                 raise ShardFormatError(f"{self.index.tars[self.index.tar[sid]]}: sample {self.index.keys[sid]!r} "
                                        f"is not a decodable image ({e}); " + VERIFY_HINT.format(root=self.root)) from e

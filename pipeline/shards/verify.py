@@ -237,6 +237,18 @@ def verify_shard(task: VerifyTask) -> ShardCheck:
     return check
 
 
+def locate_damage(folder: Path, manifest: Manifest, shard_file: str) -> Problem | None:
+    """The first problem `verify_shard` finds in one shard of `folder` (a sample's when one is named): used to name
+    the sample when a loader meets a corrupt shard during training."""
+    record = next((r for r in manifest.shards if r.file == shard_file), None)
+    if record is None:
+        return None
+    wnids = [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)]
+    check = verify_shard(VerifyTask(Path(folder), record, wnids, None, decode=False))
+    named = [p for p in check.problems if p.sample]
+    return (named or check.problems or [None])[0]
+
+
 @dataclass
 class VerifyReport:
     folder: Path
