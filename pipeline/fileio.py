@@ -32,13 +32,19 @@ class DiskFullError(OSError):
     """No space left (or over quota) while writing a file; the message names the file, the free space and what
     to do. An OSError, so callers that handle write errors keep handling it."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def is_disk_full(error: BaseException | None) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+def format_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = None,
@@ -48,11 +54,11 @@ def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = Non
     path = Path(path)
     folder = path.parent
     try:
-        free = f"{_mb(shutil.disk_usage(folder).free)} free"
+        free = f"{format_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
     quota = cause is not None and cause.errno == errno.EDQUOT
-    need = f"; a {what} needs about {_mb(needed)}" if needed else ""
+    need = f"; a {what} needs about {format_size(needed)}" if needed else ""
     msg = (f"{'disk quota exceeded' if quota else 'disk full'} while writing {what} {path} ({free} on the file "
            f"system of {folder}{need}); nothing was written under its final name: free space (or choose another "
            "folder) and run the same command again")

@@ -350,7 +350,18 @@ class TorchLoader(LoaderBase):
 
     def _iter_epoch(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
-        for images, labels in self._dataloader:
+        batches = iter(self._dataloader)
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return
+            except ShardFormatError as e:
+                # DataLoader re-raises a worker's error with the worker's traceback in its message; the user gets
+                # the message alone (it names the shard and the sample).
+                text = str(e)
+                raise ShardFormatError(text.rsplit("ShardFormatError: ", 1)[-1].strip()
+                                       if text.startswith("Caught ") else text) from None
             index = self._batch
             self._advance()
             valid, num_valid = self._valid_mask(index, self.cfg.batch_size)

@@ -9,7 +9,8 @@ torch loader): a format allow-list, a pixel limit, and corrupt data detected ins
   Never EPS/PS or PDF: Pillow hands those to Ghostscript, an external program. Anything else is skipped as
   "unsupported format X" (X from the byte signature, read by Pillow's plugins' signature checks only).
 * **Pixel limit** (`max_pixels`, default DEFAULT_MAX_PIXELS, about 90 megapixels: Pillow's own
-  decompression-bomb threshold): an image whose header declares more pixels is skipped before anything is decoded.
+  decompression-bomb threshold): an image whose header declares more pixels is skipped before anything is decoded
+  (Pillow's own check, which only warns below twice its limit, is replaced by this one).
 * **Corrupt JPEG data.** Pillow hides libjpeg's warnings ("Corrupt JPEG data: premature end of data segment",
   "... N extraneous bytes before marker 0xd9") and returns the damaged pixels: a damaged header becomes a flat grey
   image. For a single-scan JPEG (baseline or extended sequential: nearly all photographs) both are checked while
@@ -79,15 +80,15 @@ class _HoldBackReader(io.BytesIO):
 
 
 @contextlib.contextmanager
-def _pillow_limits(max_pixels: int) -> Iterator[None]:
-    """Pillow's decompression-bomb check at `max_pixels` (its warning raised as an error), truncated files not
-    accepted, and Pillow's warnings about corrupt or truncated data raised as ImageSkip."""
+def _pillow_limits() -> Iterator[None]:
+    """Truncated files not accepted, Pillow's warnings about corrupt or truncated data raised as ImageSkip. Pillow's
+    own decompression-bomb check is off: `open_image` applies `max_pixels` to the header's size itself (one limit,
+    one message)."""
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
         for w in caught:
             if _CORRUPT_WARNING.search(str(w.message)):
@@ -132,7 +133,7 @@ def open_image(data: bytes, formats: tuple[str, ...] = ALLOWED_FORMATS,
     Image.init()  # registers every plugin once (for `identify_format`); later calls return at once
     fp = _HoldBackReader(data)
     try:
-        with _pillow_limits(max_pixels):
+        with _pillow_limits():
             im = Image.open(fp, formats=list(formats))
     except ImageSkip:
         raise
@@ -141,10 +142,6 @@ def open_image(data: bytes, formats: tuple[str, ...] = ALLOWED_FORMATS,
         if fmt is not None and fmt not in formats:
             raise ImageSkip(f"unsupported format {fmt} (allowed: {', '.join(formats)})") from None
         raise ImageSkip("not an image (format not recognised)") from None
-    except Image.DecompressionBombWarning as e:
-        raise ImageSkip(f"image too large (above --max-pixels {max_pixels:,}: {e})") from None
-    except Image.DecompressionBombError as e:
-        raise ImageSkip(f"image too large (above --max-pixels {max_pixels:,}: {e})") from None
     except Exception as e:  # any exception a plugin raises on a malformed header
         raise ImageSkip(f"truncated or unreadable image header ({_describe(e)})") from None
     w, h = im.size
@@ -155,7 +152,7 @@ def open_image(data: bytes, formats: tuple[str, ...] = ALLOWED_FORMATS,
     return im
 
 
-def load_image(im: Image.Image, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+def load_image(im: Image.Image, data: bytes) -> None:
     """Decode `im` (opened by `open_image` from `data`, possibly with `draft` set); raises ImageSkip when the file
     is truncated or its data is corrupt (see the module docstring)."""
     header = scan_jpeg(data) if im.format in _JPEG_FORMATS else None
@@ -167,26 +164,24 @@ def load_image(im: Image.Image, data: bytes, max_pixels: int = DEFAULT_MAX_PIXEL
     if single_scan and isinstance(fp, _HoldBackReader):
         # A healthy stream's last block needs the last byte before the marker: the decoder always asks for it.
         fp.hold_at = max(header.sos_offset, end.offset - 1)
-    _decode(im, max_pixels)
+    _decode(im)
     if not single_scan:
         return
     if isinstance(fp, _HoldBackReader) and fp.hold_at is not None and not fp.asked_past_hold:
         raise ImageSkip(f"corrupt JPEG data: extraneous bytes before the end-of-image marker at byte {end.offset} "
                         "(the image data ends early: damaged data or Huffman tables); the decoded pixels would be "
                         "wrong")
-    if _looks_zero_filled(im) and _changes_with_filler(im, data, end.offset, max_pixels):
+    if _looks_zero_filled(im) and _changes_with_filler(im, data, end.offset):
         raise ImageSkip("corrupt JPEG data: premature end of data segment (the image data runs out before the "
                         "last blocks, which would be flat grey; a damaged header or cut data)")
 
 
-def _decode(im: Image.Image, max_pixels: int) -> None:
+def _decode(im: Image.Image) -> None:
     try:
-        with _pillow_limits(max_pixels):
+        with _pillow_limits():
             im.load()
     except ImageSkip:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageSkip(f"image too large (above --max-pixels {max_pixels:,}: {e})") from None
     except Exception as e:  # truncated data, decoder errors, and whatever a plugin raises on malformed data
         raise ImageSkip(f"truncated or corrupt image data ({_describe(e)})") from None
 
@@ -200,10 +195,11 @@ def _looks_zero_filled(im: Image.Image) -> bool:
     return True  # rare modes (CMYK, ...): let the second decode decide
 
 
-def _changes_with_filler(im: Image.Image, data: bytes, eoi: int, max_pixels: int) -> bool:
+def _changes_with_filler(im: Image.Image, data: bytes, eoi: int) -> bool:
     """Whether the image decodes differently with filler bytes inserted before its end-of-image marker."""
-    other = open_image(data[:eoi] + _FILLER + data[eoi:], formats=("JPEG",), max_pixels=max_pixels)
+    # The same header: its size passed the pixel limit when `im` was opened.
+    other = open_image(data[:eoi] + _FILLER + data[eoi:], formats=("JPEG",), max_pixels=2**62)
     if im.size != other.size or im.mode != other.mode:
         other.draft(im.mode, im.size)
-    _decode(other, max_pixels)
+    _decode(other)
     return other.tobytes() != im.tobytes()

@@ -166,7 +166,7 @@ def _to_rgb(im: Image.Image, factor: int = 1) -> tuple[Image.Image, str | None]:
     if mode == "P":
         return im.convert("RGB"), "palette -> RGB"
     if im.mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # convert() to the same mode would copy
         if factor >= 2:
             rgba = rgba.convert("RGBa").reduce(factor).convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -213,7 +213,7 @@ def reencode(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     # filter below then takes the image to its exact size.
     if im.format in _JPEG_FORMATS and target[0] * 2 <= stored_w:
         im.draft(im.mode if im.mode in ("L", "CMYK") else "RGB", target)
-    load_image(im, data, cfg.max_pixels)
+    load_image(im, data)
     mode = im.mode
     buf = io.BytesIO()
     try:
