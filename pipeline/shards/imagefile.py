@@ -199,7 +199,10 @@ def _changes_with_filler(im: Image.Image, data: bytes, eoi: int) -> bool:
     """Whether the image decodes differently with filler bytes inserted before its end-of-image marker."""
     # The same header: its size passed the pixel limit when `im` was opened.
     other = open_image(data[:eoi] + _FILLER + data[eoi:], formats=("JPEG",), max_pixels=2**62)
-    if im.size != other.size or im.mode != other.mode:
-        other.draft(im.mode, im.size)
+    scale = (getattr(im, "decoderconfig", None) or (1,))[0]  # DCT scaling `im.draft` chose, if any
+    if scale > 1 or im.mode != other.mode:
+        other.draft(im.mode, (max(1, other.size[0] // scale), max(1, other.size[1] // scale)))  # the same scale
     _decode(other)
+    if other.size != im.size or other.mode != im.mode:
+        return False  # not comparable: no verdict against the file
     return other.tobytes() != im.tobytes()

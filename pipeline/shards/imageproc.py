@@ -257,7 +257,7 @@ def check_stored(jpeg: bytes, max_side: int | None = None, full: bool = True) ->
     if max_side is not None and max(im.size) > max_side:
         raise ImageSkip(f"jpg is {im.size[0]}x{im.size[1]}, larger than max-side {max_side}")
     if not full:
-        im.draft("RGB", ((im.size[0] + 7) // 8, (im.size[1] + 7) // 8))
+        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))  # 1/8 scale: DC coefficients only
     load_image(im, jpeg)
     return im
 
