@@ -12,6 +12,7 @@ Sharding's keep-original qualification, its re-encoding and `--verify --decode` 
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 _RST = range(0xD0, 0xD8)
 _STANDALONE_MARKERS = {0x01, *_RST}
 _SHORT, _LONG = 3, 4
+# A marker inside entropy-coded data (0xFF 0x00 is a stuffed byte). It starts with a literal byte, so the regex engine
+# finds candidates at memchr speed (a leading `\xff+` would make it test every position).
+_MARKER = re.compile(rb"\xff[^\x00]")
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ class ScanEnd:
 def scan_end(data: bytes, header: JpegHeader) -> ScanEnd | None:
     """Where the first scan's entropy-coded data ends (None when the scan header itself is cut off).
 
-    Inside entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or RST0..RST7; any other marker ends it.
+    Inside entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or RST0..RST7; any other marker ends it
+    (0xFF fill bytes may precede a marker).
     """
     pos = header.sos_offset
     if pos + 4 > len(data):
@@ -138,21 +143,16 @@ def scan_end(data: bytes, header: JpegHeader) -> ScanEnd | None:
     (seglen,) = struct.unpack_from(">H", data, pos + 2)
     p = pos + 2 + seglen
     restarts, expected, bad = 0, 0, None
-    n = len(data)
-    while True:
-        p = data.find(b"\xff", p)
-        if p < 0 or p + 1 >= n:
-            return ScanEnd(n, None, restarts, bad)
-        nxt = data[p + 1]
-        if nxt == 0x00:
-            p += 2
-        elif nxt == 0xFF:  # fill bytes may precede a marker
-            p += 1
-        elif nxt in _RST:
-            if nxt != 0xD0 + expected and bad is None:
-                bad = p
-            expected = (nxt - 0xD0 + 1) % 8
-            restarts += 1
-            p += 2
-        else:
-            return ScanEnd(p, nxt, restarts, bad)
+    while (m := _MARKER.search(data, p)) is not None:
+        marker = data[m.end() - 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            p = m.start() + 1
+            continue
+        if marker not in _RST:
+            return ScanEnd(m.end() - 2, marker, restarts, bad)
+        if marker != 0xD0 + expected and bad is None:
+            bad = m.end() - 2
+        expected = (marker - 0xD0 + 1) % 8
+        restarts += 1
+        p = m.end()
+    return ScanEnd(len(data), None, restarts, bad)
