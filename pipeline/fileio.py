@@ -65,6 +65,19 @@ def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = Non
     return DiskFullError(cause.errno if cause is not None else errno.ENOSPC, msg)
 
 
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be created or written (checked on its nearest existing ancestor), or None if it can."""
+    target = Path(folder).absolute()
+    path = target
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is a file, not a folder" if path == target else f"it would be inside {path}, which is a file"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable (a read-only folder or file system)"
+    return None
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make the entries of `folder` (renames, new files, deletions) durable. No-op where directories cannot be
     opened (Windows)."""

@@ -119,6 +119,24 @@ def test_a_corrupt_shard_met_while_training_names_shard_and_sample(data, tmp_pat
     assert f"sample '{key}'" in (out / LOG_NAME).read_text()
 
 
+def test_a_corrupt_shard_met_by_the_dali_loader_names_shard_and_sample(tmp_path):
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (the torch backend test covers the rest)")
+    from pipeline.loaders.base import LoaderConfig
+    from pipeline.loaders.build import build_loader
+    from pipeline.shards.shard_format import ShardFormatError
+
+    folder = tmp_path / "shards"
+    write_tiny_shards(folder, num_samples=10, num_classes=2, per_shard=5, size=(24, 24))
+    key = corrupt_sample(folder, 1, 2)
+    loader = build_loader(LoaderConfig(data=str(folder), batch_size=5, img_size=16, device="cpu", num_threads=1,
+                                       train=False))
+    with pytest.raises(ShardFormatError) as info:
+        list(loader)
+    msg = str(info.value)
+    assert "train-000001.tar: corrupt: its sha256 differs from the manifest; " in msg
+    assert f"sample {key}: jpg does not decode" in msg and f"./launch.sh shard --verify {folder}" in msg
+
+
 def test_disk_full_while_checkpointing_is_a_message_in_the_log_and_exit_status_2(data, tmp_path, capsys,
                                                                                  monkeypatch):
     real_write = HashingWriter.write

@@ -456,9 +456,9 @@ def test_out_that_is_a_file_or_read_only_is_refused(tmp_path, capsys, monkeypatc
     src = small_tree(tmp_path / "src", per_class=1)
     (tmp_path / "file").write_text("x")
     code, out = cli(str(src), str(tmp_path / "file"), capsys=capsys)
-    assert code == 2 and f"OUT {tmp_path / 'file'} is a file, not a folder" in out
+    assert code == 2 and f"OUT {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder" in out
     code, out = cli(str(src), str(tmp_path / "file" / "sub"), capsys=capsys)
-    assert code == 2 and f"would be inside {tmp_path / 'file'}, which is a file" in out
+    assert code == 2 and f"it would be inside {tmp_path / 'file'}, which is a file" in out
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
     (tmp_path / "ro").mkdir()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.fileio import DiskFullError, atomic_write_json
+from pipeline.fileio import DiskFullError, atomic_write_json, folder_problem
 from pipeline.loaders.base import Loader, LoaderConfig
 from pipeline.loaders.build import build_loader
 from pipeline.shards.shard_format import Manifest, ShardFormatError
@@ -71,13 +71,9 @@ def protocol_main(name: str, argv: list[str], check: Callable[[list[str]], Any],
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
     """`folder` can be created or written (checked on its nearest existing ancestor), before any work is done."""
-    path = Path(folder).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not path.is_dir():
-        raise ValueError(f"{what} {folder}: {path} is a file, not a folder; choose another folder")
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {folder}: {path} is not writable; choose another folder")
+    problem = folder_problem(folder)
+    if problem:
+        raise ValueError(f"{what} {folder}: {problem}; choose another folder")
 
 
 def check_run_folder(cfg: LoopConfig) -> None:

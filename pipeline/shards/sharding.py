@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.fileio import atomic_write_json, disk_full_error, fsync_dir, is_disk_full
+from pipeline.fileio import atomic_write_json, disk_full_error, folder_problem, fsync_dir, is_disk_full
 from pipeline.shards.imageproc import ImageConfig, ImageSkip, encoder_versions, process_image
 from pipeline.shards.shard_format import (
     MANIFEST_NAME,
@@ -236,15 +236,9 @@ def _labels_for(cfg: ShardConfig, listing: SourceListing, labels: ValLabels | No
 
 def check_out(out: Path) -> None:
     """OUT is a folder that can be written (or can be created: its nearest existing parent is a writable folder)."""
-    path = out.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not path.is_dir():
-        what = "is" if path == out.absolute() else f"would be inside {path}, which is"
-        raise ShardingError(f"OUT {out} {what} a file, not a folder; choose a folder (it is created if missing)")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ShardingError(f"OUT {out}: {path} is not writable (read-only folder or file system); choose a folder "
-                            "you can write")
+    problem = folder_problem(out)
+    if problem:
+        raise ShardingError(f"OUT {out}: {problem}; choose a folder you can write (it is created if missing)")
 
 
 def build_plan(cfg: ShardConfig) -> Plan:

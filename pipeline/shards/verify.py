@@ -244,9 +244,14 @@ def locate_damage(folder: Path, manifest: Manifest, shard_file: str) -> Problem 
     if record is None:
         return None
     wnids = [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)]
-    check = verify_shard(VerifyTask(Path(folder), record, wnids, None, decode=False))
-    named = [p for p in check.problems if p.sample]
-    return (named or check.problems or [None])[0]
+    check = None
+    # The per-image CRC-32 names a damaged sample without decoding; shards without it need the decode.
+    for decode in (False, True):
+        check = verify_shard(VerifyTask(Path(folder), record, wnids, None, decode=decode))
+        named = [p for p in check.problems if p.sample]
+        if named:
+            return named[0]
+    return check.problems[0] if check.problems else None
 
 
 @dataclass
