@@ -10,7 +10,6 @@ import gzip
 import io
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -76,7 +75,7 @@ def test_any_exception_of_one_input_skips_that_input_and_the_run_goes_on(tmp_pat
         return real(data, cfg)
 
     monkeypatch.setattr(sharding, "process_image", decoder)
-    result = shard(src, tmp_path / "out", workers=2)
+    result = shard(src, tmp_path / "out", workers=1)  # write_shard is the same in a worker process
     m = result.manifest
     assert m.skipped == [{"src": f"{WNIDS[1]}/hostile.gif",
                           "reason": f"decoder failed ({type(error).__name__}: {error})"}]
@@ -84,34 +83,52 @@ def test_any_exception_of_one_input_skips_that_input_and_the_run_goes_on(tmp_pat
     assert verify(tmp_path / "out").ok
 
 
-_PARENT = os.getpid()
+# Run in a fresh interpreter: its workers are forked (no other thread runs there), so they see the stand-in
+# decoder, which kills the worker that meets the file starting with b"KILL" as the out-of-memory killer would.
+_OOM_SCENARIO = """
+import json, os, signal, sys
+from pathlib import Path
+import pipeline.shards.sharding as sharding
+from pipeline.shards.sharding import ShardConfig, ShardingError, build_plan, run_sharding
+
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = ShardConfig(src=src, out=out, workers=2, shard_samples=2)
+plan = build_plan(cfg)
+victim = next(i for i, items in enumerate(plan.shards) if any(it.rel.endswith("huge.JPEG") for it in items))
+real, parent = sharding.process_image, os.getpid()
+
+def decoder(data, cfg):
+    if data.startswith(b"KILL") and os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(data, cfg)
+
+sharding.process_image = decoder
+try:
+    run_sharding(cfg)
+    error = None
+except ShardingError as e:
+    error = str(e)
+sharding.process_image = real
+again = run_sharding(cfg)  # the same command, run again
+print(json.dumps({"victim": victim, "error": error, "again": again.manifest.to_dict()}))
+"""
 
 
-def test_a_worker_killed_by_the_oom_killer_is_named_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+def test_a_worker_killed_by_the_oom_killer_is_named_and_a_rerun_resumes(tmp_path):
     src = small_tree(tmp_path / "src", per_class=4)
     (src / WNIDS[2] / "huge.JPEG").write_bytes(b"KILL" + image_file("jpeg", 2, 9))
-    real = sharding.process_image
-
-    def decoder(data, cfg):
-        if data.startswith(b"KILL") and os.getpid() != _PARENT:
-            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's out-of-memory killer does
-        return real(data, cfg)
-
-    cfg = ShardConfig(src=src, out=tmp_path / "out", workers=2, shard_samples=2)
-    plan = build_plan(cfg)
-    victim = next(i for i, items in enumerate(plan.shards) if any(it.rel.endswith("huge.JPEG") for it in items))
-    monkeypatch.setattr(sharding, "process_image", decoder)
-    with pytest.raises(ShardingError) as info:
-        run_sharding(cfg)
-    assert str(info.value).startswith(
+    proc = subprocess.run([sys.executable, "-c", _OOM_SCENARIO, str(src), str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    victim = got["victim"]
+    assert got["error"].startswith(
         f"shard {victim} (src-train-{victim:06d}.tar): its worker process was killed by SIGKILL, most likely by the "
         "kernel's out-of-memory killer")
-    assert "fewer --workers, or lower --max-pixels" in str(info.value)
-    monkeypatch.setattr(sharding, "process_image", real)
-    again = run_sharding(cfg)  # the same command resumes and finishes
-    clean = run_sharding(ShardConfig(src=src, out=tmp_path / "clean", workers=1, shard_samples=2))
-    assert again.manifest.to_dict()["shards"] == clean.manifest.to_dict()["shards"]
-    assert {"src": f"{WNIDS[2]}/huge.JPEG", "reason": "not an image (format not recognised)"} in again.manifest.skipped
+    assert "fewer --workers, or lower --max-pixels" in got["error"]
+    clean = run_sharding(ShardConfig(src=src, out=tmp_path / "clean", workers=1, shard_samples=2)).manifest
+    assert got["again"]["shards"] == clean.to_dict()["shards"]  # the re-run finished the same shards
+    assert {"src": f"{WNIDS[2]}/huge.JPEG", "reason": "not an image (format not recognised)"} in got["again"]["skipped"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "T
 STORED_FORMATS = ("JPEG",)  # what shards hold
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: about 90 megapixels
 _JPEG_FORMATS = ("JPEG", "MPO")
-_FILLER = bytes((i * 73 + 41) % 255 for i in range(64))  # no 0xFF (a marker): arbitrary bits that a decoder
-# still short of data turns into visible blocks, and that a complete stream ignores
+# Arbitrary bits without 0xFF (a marker): a decoder still short of data turns them into visible blocks, a complete
+# stream ignores them.
+_FILLER = bytes((i * 73 + 41) % 255 for i in range(64))
 _CORRUPT_WARNING = re.compile(r"corrupt|truncat|premature|broken|bad |larger than file", re.IGNORECASE)
 
 
@@ -83,7 +84,8 @@ class _HoldBackReader(io.BytesIO):
 def _pillow_limits() -> Iterator[None]:
     """Truncated files not accepted, Pillow's warnings about corrupt or truncated data raised as ImageSkip. Pillow's
     own decompression-bomb check is off: `open_image` applies `max_pixels` to the header's size itself (one limit,
-    one message)."""
+    one message). Pillow's settings and the warning filters are process-wide (restored on exit): images are opened
+    by one thread per process here (sharding and loader workers are processes)."""
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = None, False
     try:

@@ -9,6 +9,8 @@
              converts them (pipeline.shards.imageproc) and writes the shard and its DALI index with ShardWriter (temporary
              names, renamed when complete). A shard's bytes depend only on its inputs, never on which worker or
              how many workers wrote it. A worker holds one image at a time; the main process holds the plan.
+             Whatever one input raises skips that input (listed with the exception); a worker that dies (the
+             out-of-memory killer) stops the run with the shard it was writing named, and a re-run resumes.
     record   when a shard is renamed into place its record (sha256, counts, skipped and converted inputs) goes back
              to the main process, which appends it as one line to OUT/.shard-state/journal.jsonl; a shard counts as
              done when its journal line and its files exist (a line torn by a kill is ignored: the shard is redone).
@@ -16,7 +18,8 @@
              and resumed run ends with the same bytes as an uninterrupted one) and the state folder is removed.
 
 OUT/.shard-state/plan.json records the run's fingerprint (source, its listing digest, every option that changes
-the output, encoder versions): re-running the same command resumes, a different one refuses unless `overwrite`.
+the output, encoder versions): re-running the same command resumes, a different one refuses unless `overwrite`,
+which deletes only what an earlier run recorded writing (its manifest, journal and plan name the files).
 """
 
 from __future__ import annotations
