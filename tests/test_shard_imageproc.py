@@ -215,7 +215,7 @@ def test_scan_jpeg_reads_the_header_only():
 def test_unconvertible_mode_is_a_skip_not_a_crash(monkeypatch):
     import pipeline.shards.imageproc as imageproc
 
-    def refuse(im):
+    def refuse(im, *args):
         raise ValueError(f"conversion from {im.mode} to RGB not supported")
 
     monkeypatch.setattr(imageproc, "_to_rgb", refuse)

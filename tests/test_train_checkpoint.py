@@ -40,7 +40,7 @@ def test_names_listing_and_pruning(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert [(c.step, c.permanent) for c in list_checkpoints(tmp_path)] == [(10, False), (20, True), (30, False),
                                                                             (40, False), (50, True)]
-    removed = prune_checkpoints(tmp_path, keep=2)
+    removed = prune_checkpoints(tmp_path, keep=2).removed
     assert sorted(p.name for p in removed) == ["step-000000010.pt", "step-000000030.pt"]
     assert [c.path.name for c in list_checkpoints(tmp_path)] == [
         "epoch-0001-step-000000020.pt", "step-000000040.pt", "epoch-0002-step-000000050.pt"]
@@ -63,9 +63,10 @@ def test_corrupt_newest_falls_back_with_a_warning(tmp_path):
     path, state = latest_checkpoint(tmp_path, warn=warnings.append)
     assert path.name == "step-000000020.pt" and state["step"] == 20
     assert len(warnings) == 2
-    assert warnings[0].startswith(f"skipping unreadable checkpoint {tmp_path / 'step-000000040.pt'}: cannot read")
-    assert warnings[1].startswith(f"skipping unreadable checkpoint {newest}: cannot read")
-    assert warnings[1].endswith("; falling back to the previous one")
+    assert warnings[0].startswith(f"skipped checkpoint step-000000040.pt: {tmp_path / 'step-000000040.pt'} is not "
+                                  "a readable checkpoint archive")
+    assert warnings[1].startswith(f"skipped checkpoint {newest.name}: {newest}")
+    assert warnings[1].endswith("; falling back to an older one")
 
 
 def test_read_rejects_other_files(tmp_path):

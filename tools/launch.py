@@ -9,6 +9,8 @@ entry in the launcher's own process (no torchrun); several run under torchrun wi
 
 The arguments are validated (the protocol's `check(argv)`) before any process starts. Pre-emption: SIGTERM and
 SIGUSR1 reach every worker (torchrun forwards them), the workers checkpoint and exit 0, and so does the launcher.
+Exit status (README "Exit codes"): 0 done, 1 the run's own verdict, 2 bad input or environment; under torchrun the
+status of the rank that failed first (`worker_exit_status`).
 
 Adding a protocol: one `Protocol` entry in PROTOCOLS naming the per-process module; the module provides
 `main(argv) -> int` (run as `python -m MODULE ARGS`) and optionally `check(argv)` (validation, raises ValueError /
@@ -167,9 +169,29 @@ def run_torchrun(args: list[str]) -> int:
             return 0
         return 128 + int(e.sigval)
     except Exception as e:  # ChildFailedError: torchrun already printed the failing rank's error
-        print(f"launch: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        code, who = worker_exit_status(e)
+        print(f"launch: {who}; exiting with status {code}", file=sys.stderr)
+        return code
     return 0
+
+
+def worker_exit_status(error: BaseException) -> tuple[int, str]:
+    """(exit status, description) of a failed torchrun job: the status of the rank that failed first, so a
+    rank's 2 (bad input or environment) or 1 (the run's verdict) is the launcher's; a rank killed by a signal
+    gives 128 + the signal number, as a shell reports it."""
+    get_first = getattr(error, "get_first_failure", None)
+    if get_first is None:
+        return 1, f"{type(error).__name__}: {error}"
+    rank, failure = get_first()
+    code = int(getattr(failure, "exitcode", 1) or 1)
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the out-of-memory killer is the usual sender: check `dmesg`)" if -code == signal.SIGKILL else ""
+        return 128 - code, f"rank {rank} was killed by {name}{hint}"
+    return code, f"rank {rank} failed first, with exit status {code}"
 
 
 def main(argv: list[str] | None = None) -> int:

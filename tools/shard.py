@@ -1,8 +1,9 @@
 """`./launch.sh shard SRC OUT [options]` and `./launch.sh shard --verify OUT [--decode]`.
 
 Thin CLI over pipeline.shards.sharding / pipeline.shards.verify: parses arguments into a ShardConfig, shows a rich progress bar
-(files/s, MB/s, ETA) and prints a summary table. Exit status: 0 done, 1 skipped inputs under --strict or a failed
-verification, 2 refused or bad arguments, 130 interrupted (re-run the same command to resume).
+(files/s, MB/s, ETA) and prints a summary table. Exit status (README "Exit codes"): 0 done, 1 the run's verdict
+(skipped inputs under --strict, a failed verification), 2 bad input or environment (refused OUT, bad arguments or
+labels, an incomplete tar, a full disk, a worker killed), 130 interrupted (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.shards.imageproc import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, ImageConfig
+from pipeline.shards.imageproc import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_QUALITY, ImageConfig
 from pipeline.shards.sharding import (
     ShardConfig,
     ShardingError,
@@ -52,6 +53,16 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 500M, 1G, 1GiB or a number of bytes")
     power = " KMGT".index(m.group(2).upper() or " ")
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give an integer >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quality", type=int, default=DEFAULT_QUALITY, metavar="Q", help=f"JPEG quality (default: {DEFAULT_QUALITY})")
     g.add_argument("--keep-original", action="store_true", help="store baseline RGB JPEGs within --max-side "
                    "without rotation unchanged; re-encode only the rest")
+    g.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N", help="skip inputs "
+                   f"whose header declares more pixels (decompression-bomb guard; default: {DEFAULT_MAX_PIXELS:,})")
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=default_workers(), metavar="N", help="processes (default: all cores)")
+    g.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
+                   help="processes (default: all cores)")
     g.add_argument("--strict", action="store_true", help="exit 1 when any input was skipped")
     g.add_argument("--overwrite", action="store_true", help="replace what another command wrote to OUT")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (summary only)")
@@ -160,7 +174,8 @@ def _config(args: argparse.Namespace, src: str, out: str) -> ShardConfig:
         src=src, out=out, split=args.split, name=args.name, labels=args.labels, labels_format=args.labels_format,
         meta=args.meta, class_map=args.class_map, shard_samples=args.shard_samples, shard_size=args.shard_size,
         seed=args.seed, workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-        image=ImageConfig(max_side=args.max_side, quality=args.quality, keep_original=args.keep_original),
+        image=ImageConfig(max_side=args.max_side, quality=args.quality, keep_original=args.keep_original,
+                          max_pixels=args.max_pixels),
     )
 
 
@@ -190,6 +205,12 @@ def print_summary(console: Console, cfg: ShardConfig, result: ShardRunResult) ->
         table.add_row("files/s, MB/s (this run)", f"{result.files_processed / result.seconds:,.0f}, "
                       f"{result.bytes_processed / 1e6 / result.seconds:,.1f}")
     console.print(table)
+    if result.removed:
+        console.print(f"[bold]--overwrite deleted[/] {len(result.removed)} files an earlier run had written:")
+        for name in result.removed[:LIST_LIMIT]:
+            console.print(f"  {name}", markup=False, highlight=False, soft_wrap=True)
+        if len(result.removed) > LIST_LIMIT:
+            console.print(f"  ... {len(result.removed) - LIST_LIMIT} more")
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     for title, items in (("skipped", m.skipped), ("converted", m.converted)):
@@ -229,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         if len(args.paths) != 1:
             parser.error("--verify takes one folder: ./launch.sh shard --verify OUT [--decode]")
-        with RichProgress(console, "verifying", "samples", progress_on) as progress:
-            report = verify(args.paths[0], decode=args.decode, workers=args.workers, progress=progress)
+        try:
+            with RichProgress(console, "verifying", "samples", progress_on) as progress:
+                report = verify(args.paths[0], decode=args.decode, workers=args.workers, progress=progress)
+        except (ShardingError, OSError) as e:  # e.g. a verification worker killed by the out-of-memory killer
+            err.print(f"shard: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            return 2
         print_verify(console, report, args.decode)
         return 0 if report.ok else 1
     if args.decode:
@@ -248,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                       soft_wrap=True)
         with RichProgress(console, "sharding", "files", progress_on) as progress:
             result = run_sharding(cfg, progress, plan=plan)
-    except (ShardingError, SourceError, LabelsError, ValueError, FileNotFoundError) as e:
+    except (ShardingError, SourceError, LabelsError, ValueError, OSError) as e:
+        # OSError: a full disk (DiskFullError says where and how much), a missing or unreadable file.
         err.print(f"shard: error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

@@ -2,8 +2,9 @@
 `train.eval.knn`): the main() wrapper with its exit statuses, the choice of the checkpoint to resume, the run folder's
 start-up checks, and the software versions recorded in config.json.
 
-Exit statuses: 0 = done (schedule finished, --max-steps, or stopped by SIGTERM/SIGUSR1 after checkpointing);
-1 = stopped by non-finite steps (after checkpointing); 2 = invalid configuration, data or checkpoint.
+Exit statuses (README "Exit codes"): 0 = done (schedule finished, --max-steps, or stopped by SIGTERM/SIGUSR1 after
+checkpointing); 1 = the run's own verdict: stopped by non-finite steps (after checkpointing); 2 = bad input or
+environment: invalid configuration, data or checkpoint, a shard found corrupt during training, a full disk.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import DiskFullError, atomic_write_json, folder_problem
 from pipeline.loaders.base import Loader, LoaderConfig
 from pipeline.loaders.build import build_loader
 from pipeline.shards.shard_format import Manifest, ShardFormatError
 from train.checkpoint import (
     CHECKPOINT_DIR,
-    latest_checkpoint,
     list_checkpoints,
     read_checkpoint,
     remove_stale_temporaries,
+    select_checkpoint,
+    set_aside_newer,
 )
 from train.config import LoopConfig
 from train.distributed import DistEnv, StopRequest, broadcast_object, destroy_distributed, init_distributed
@@ -65,7 +67,8 @@ def protocol_main(name: str, argv: list[str], check: Callable[[list[str]], Any],
     stop = StopRequest(env)
     try:
         return run(cfg, env, stop)
-    except SetupError as e:
+    except (SetupError, ShardFormatError, DiskFullError) as e:
+        # Foreseeable failures during the run too: a shard found corrupt while training, a full disk.
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -75,15 +78,15 @@ def protocol_main(name: str, argv: list[str], check: Callable[[list[str]], Any],
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
     """`folder` can be created or written (checked on its nearest existing ancestor), before any work is done."""
-    path = Path(folder).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {folder}: {path} is not writable; choose another folder with --out")
+    problem = folder_problem(folder)
+    if problem:
+        raise ValueError(f"{what} {folder}: {problem}; choose another folder")
 
 
 def check_run_folder(cfg: LoopConfig) -> None:
-    """A new run must not land on an old one's checkpoints; an explicit --resume file must exist."""
+    """--out is a writable folder; a new run must not land on an old one's checkpoints; an explicit --resume file
+    must exist."""
+    check_writable(cfg.out, "--out")
     existing = list_checkpoints(Path(cfg.out) / CHECKPOINT_DIR)
     if cfg.resume == "" and existing:
         raise ValueError(f"{cfg.out} already holds checkpoints (newest: {existing[-1].path.name}); continue that run "
@@ -101,38 +104,61 @@ def check_class_maps(train: Manifest, other: Manifest, what: str) -> None:
                          f"{mine[:3]}...): shard it with `./launch.sh shard ... --class-map TRAIN_SHARDS`")
 
 
-def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str]) -> tuple[str, dict] | None:
+def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str],
+                      protocol: str = "pretrain") -> tuple[str, dict] | None:
     """(path, contents) of the checkpoint to continue from, the same on every rank; None for a new run.
 
-    Rank 0 picks the file (newest valid one for "auto") and tells the others, so all ranks load the same step.
+    Rank 0 picks the file (for "auto" `train.checkpoint.select_checkpoint`: the newest that reads back, every newer
+    one passed over noted with the reason) and tells the others, so all ranks load the same step. The checkpoint
+    must be one of `protocol`'s. Checkpoints of the run folder newer than the chosen one belong to a timeline
+    this run abandons: they are moved to `checkpoints/abandoned-after-step-N/` (noted), where "auto" never looks.
     """
     if cfg.resume == "":
         return None
+    folder = Path(cfg.out) / CHECKPOINT_DIR
     choice: Any = None
     state = None
     if env.is_main:
         try:
             if cfg.resume == "auto":
-                folder = Path(cfg.out) / CHECKPOINT_DIR
-                found = latest_checkpoint(folder, warn=notes.append)
-                if found is not None:
-                    choice, state = str(found[0]), found[1]
-                elif list_checkpoints(folder):
+                sel = select_checkpoint(folder)
+                notes.extend(sel.explain())
+                if sel.chosen is not None:
+                    choice, state = str(sel.chosen.path), sel.state
+                elif sel.passed_over:
                     raise ValueError(f"--resume auto: none of the checkpoints in {folder} can be read ("
-                                     + "; ".join(notes) + "); move them away to start a new run")
+                                     + "; ".join(sel.explain()) + "); move them away to start a new run")
             else:
                 choice, state = cfg.resume, read_checkpoint(cfg.resume)
+            if state is not None:
+                check_protocol(choice, state, protocol)
+                moved_to, moved = set_aside_newer(folder, int(state["step"]))
+                if moved:
+                    notes.append(f"resuming step {state['step']}: the {len(moved)} newer checkpoint(s) of the "
+                                 f"abandoned timeline ({', '.join(p.name for p in moved[:5])}"
+                                 f"{' ...' if len(moved) > 5 else ''}) were moved to {moved_to}; --resume auto "
+                                 "will not pick them (move them back to continue that timeline instead)")
         except (ValueError, FileNotFoundError) as e:
             choice = e
     choice = broadcast_object(choice if not isinstance(choice, Exception) else ("error", str(choice)), env)
     if isinstance(choice, tuple):
         raise ValueError(choice[1])
     if choice is None:
-        notes.append(f"--resume auto: no checkpoint in {Path(cfg.out) / CHECKPOINT_DIR}, starting a new run")
+        notes.append(f"--resume auto: no checkpoint in {folder}, starting a new run")
         return None
     if state is None:
         state = read_checkpoint(choice)
     return choice, state
+
+
+def check_protocol(path: str, state: dict[str, Any], protocol: str) -> None:
+    """A run resumes only a checkpoint of its own protocol (pretrain, finetune, linprobe)."""
+    theirs = state["config"].get("protocol", "pretrain") if isinstance(state.get("config"), dict) else None
+    if theirs != protocol:
+        hint = ("start the evaluation from it with --ckpt instead" if theirs == "pretrain"
+                else f"continue it with `./launch.sh {theirs} ... --resume {path}`" if theirs else "")
+        raise ValueError(f"--resume {path}: a {theirs or 'unknown'} checkpoint cannot resume a {protocol} run"
+                         + (f"; {hint}" if hint else ""))
 
 
 def resume_note(cfg: LoopConfig, state: dict[str, Any]) -> str | None:

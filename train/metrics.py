@@ -122,29 +122,44 @@ def peak_memory_gb(device: torch.device) -> float:
 # Files
 
 
+def read_jsonl(path: str | os.PathLike) -> tuple[list[tuple[bytes, dict[str, Any]]], list[str]]:
+    """The records of a JSONL file (metrics.jsonl) with their raw lines, and one note per line that cannot be read,
+    naming the file and line: not UTF-8 (disk damage), not a JSON object (a line cut by `kill -9`)."""
+    records, problems = [], []
+    for lineno, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                            "line skipped")
+            continue
+        except json.JSONDecodeError:
+            problems.append(f"{path}:{lineno}: not valid JSON (a line cut by a kill?); line skipped")
+            continue
+        if not isinstance(rec, dict):
+            problems.append(f"{path}:{lineno}: not a JSON object; line skipped")
+            continue
+        records.append((raw, rec))
+    return records, problems
+
+
 def truncate_metrics(path: str | os.PathLike, after_step: int) -> int:
-    """Drop records with step > `after_step` (written after the checkpoint a run resumes from); returns how many.
+    """Drop records with step > `after_step` (written after the checkpoint a run resumes from), and unreadable lines
+    (`read_jsonl`); returns how many lines were dropped.
 
     A resumed run re-does those steps, so without this the file would hold them twice.
     """
     path = Path(path)
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:  # a line cut by kill -9 mid-write
-            dropped += 1
-            continue
-        if step > after_step:
-            dropped += 1
-        else:
-            kept.append(line)
+    records, problems = read_jsonl(path)
+    kept = [raw for raw, rec in records if not (isinstance(rec.get("step", 0), (int, float))
+                                                 and rec.get("step", 0) > after_step)]
+    dropped = len(problems) + len(records) - len(kept)
     if dropped:
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        atomic_write_bytes(path, b"".join(raw + b"\n" for raw in kept))
     return dropped
 
 
@@ -187,12 +202,15 @@ class RunLog:
             self._live.start()
 
     # -- messages ------------------------------------------------------------------------------------------------
-    def message(self, text: str) -> None:
-        """A line for the user (start-up, warnings, checkpoints, stops): console and log.txt."""
+    def message(self, text: str, console: bool = True) -> None:
+        """A line for the user (start-up, warnings, checkpoints, stops): log.txt and (unless `console` is False, e.g.
+        an error the process reports on stderr itself) the console."""
         if not self.enabled:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._log.write(f"{stamp} {text}\n")
+        if not console:
+            return
         if self._console is not None:
             self._console.print(text, markup=False, highlight=False)
         elif self.display != "off":

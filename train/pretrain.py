@@ -3,8 +3,8 @@
     python -m train.pretrain --recipe NAME --data SHARDS --out RUN_DIR [--field-name value ...]
 
 Parse and validate the configuration, join the process group, build data, model and trainer, resume if asked,
-train. Exit status: 0 = schedule finished, --max-steps reached, or stopped by SIGTERM/SIGUSR1 after checkpointing;
-1 = stopped by non-finite steps (after checkpointing); 2 = invalid configuration or data.
+train. Exit status (train.entry): 0 = schedule finished, --max-steps reached, or stopped by SIGTERM/SIGUSR1 after
+checkpointing; 1 = stopped by non-finite steps (after checkpointing); 2 = bad input or environment.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from train.distributed import DistEnv, StopRequest, rank_seed, seed_all
 from train.entry import (
     SetupError,
     build_loaders,
+    check_class_maps,
     check_run_folder,
     device_name,
     find_resume_state,
@@ -64,6 +65,7 @@ def preflight(cfg: TrainConfig) -> None:
                          f"{model_cfg.num_classes}; raise --num-classes or leave it unset (taken from the data)")
     if cfg.eval_data:
         eval_manifest, _ = load_manifest(cfg.eval_data)
+        check_class_maps(manifest, eval_manifest, f"--eval-data {cfg.eval_data}")
         if eval_manifest.num_classes > model_cfg.num_classes:
             raise ValueError(f"--eval-data {cfg.eval_data} has {eval_manifest.num_classes} classes, more than the "
                              f"model's {model_cfg.num_classes}")

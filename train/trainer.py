@@ -30,8 +30,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.mae import MaskedAutoencoderViT
-from pipeline.fileio import atomic_path
+from pipeline.fileio import DiskFullError, atomic_path
 from pipeline.loaders.base import Batch, Loader
+from pipeline.shards.shard_format import ShardFormatError
 from train.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
@@ -335,6 +336,12 @@ class Trainer:
             if status == "preempted":
                 who = stop.received.name if stop.received else "received by another process"
                 self._say(f"stop signal ({who}): checkpoint of step {self.step} written, exiting")
+        except (ShardFormatError, DiskFullError) as e:
+            # Foreseeable (a damaged shard, a full disk): the entry turns them into a message and exit status 2;
+            # log.txt keeps the message too.
+            if self.log is not None:
+                self.log.message(f"error: {e}", console=False)
+            raise
         finally:
             if own_stop:
                 stop.restore()
@@ -534,8 +541,13 @@ class Trainer:
         if self.env.is_main:
             folder = Path(self.cfg.out) / CHECKPOINT_DIR
             path = save_checkpoint(state, folder, self.step, permanent_epoch)
-            removed = prune_checkpoints(folder, self.cfg.keep)
-            self._say(f"checkpoint {path}" + (f" (removed {len(removed)} old)" if removed else ""))
+            # Only now that the new checkpoint is durable may older ones go (never it, never an unreadable one).
+            pruned = prune_checkpoints(folder, self.cfg.keep, protect=path)
+            self._say(f"checkpoint {path}" + (f" (removed {len(pruned.removed)} old)" if pruned.removed else ""))
+            if pruned.unreadable:
+                self._say(f"warning: {len(pruned.unreadable)} damaged checkpoint(s) moved to "
+                          f"{pruned.unreadable[0].parent} (not counted as kept): "
+                          + ", ".join(p.name for p in pruned.unreadable))
             if best:
                 with atomic_path(folder / BEST_NAME) as tmp:
                     shutil.copyfile(path, tmp)

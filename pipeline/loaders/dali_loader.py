@@ -278,9 +278,14 @@ class DaliLoader(LoaderBase):
         if any(s in detail for s in ("decoders", "readers", "nvImageCodec", "webdataset")):
             bad = find_corrupt_shard(self.shards, prefer=recent, budget_s=DIAGNOSE_SECONDS)
             if bad is not None:
+                from pipeline.shards.verify import locate_damage
+
+                damage = locate_damage(self.shards.folder, self.shards.manifest, bad.name)
                 return ShardFormatError(
-                    f"{bad}: corrupt: its sha256 differs from the manifest (found after DALI failed to read or "
-                    f"decode a sample at {where}: {detail[:500]}); {VERIFY_HINT.format(root=self.shards.folder)}")
+                    f"{bad}: corrupt: its sha256 differs from the manifest"
+                    + (f"; {damage}" if damage is not None else "")
+                    + f" (found after DALI failed to read or decode a sample at {where}: {detail[:500]}); "
+                    + VERIFY_HINT.format(root=self.shards.folder))
         reading = ", ".join(p.name for p in recent[:4]) or "the first shards of the epoch"
         return RuntimeError(f"DALI pipeline failed at {where} while reading around {reading} of "
                             f"{self.shards.folder}: {detail}")

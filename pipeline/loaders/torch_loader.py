@@ -259,7 +259,7 @@ class PlannedBatches(Dataset):
         return self.planner.layout.batches_per_epoch
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
+        from pipeline.shards.imagefile import STORED_FORMATS, load_image, open_image
 
         epoch, b = item
         if epoch != self._epoch:
@@ -279,8 +279,9 @@ class PlannedBatches(Dataset):
                 continue
             jpeg, labels[k] = self._reader.read(sid)
             try:
-                with Image.open(io.BytesIO(jpeg)) as im:
-                    img = im.convert("RGB")
+                im = open_image(jpeg, formats=STORED_FORMATS)  # the project's one way to open an image it reads
+                load_image(im, jpeg)
+                img = im.convert("RGB")
             except Exception as e:
                 raise ShardFormatError(f"{self.index.tars[self.index.tar[sid]]}: sample {self.index.keys[sid]!r} "
                                        f"is not a decodable image ({e}); " + VERIFY_HINT.format(root=self.root)) from e
@@ -349,7 +350,18 @@ class TorchLoader(LoaderBase):
 
     def _iter_epoch(self) -> Iterator[Batch]:
         non_blocking = self.device.type == "cuda"
-        for images, labels in self._dataloader:
+        batches = iter(self._dataloader)
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return
+            except ShardFormatError as e:
+                # DataLoader re-raises a worker's error with the worker's traceback in its message; the user gets
+                # the message alone (it names the shard and the sample).
+                text = str(e)
+                raise ShardFormatError(text.rsplit("ShardFormatError: ", 1)[-1].strip()
+                                       if text.startswith("Caught ") else text) from None
             index = self._batch
             self._advance()
             valid, num_valid = self._valid_mask(index, self.cfg.batch_size)

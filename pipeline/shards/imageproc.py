@@ -6,10 +6,14 @@ Two modes, one entry point (`process_image`):
   downscale with an area filter so the longer side is at most `max_side` (never enlarge), encode baseline JPEG with
   4:2:0 chroma at `quality`, with no EXIF/ICC (so no orientation tag). Typical ImageNet files (q~96, 4:4:4) then
   decode about twice as fast and take under half the bytes, and DALI, PIL and timm all see the same upright image.
-* `keep_original`: store the source bytes unchanged when a header scan (`scan_jpeg`, no decoding) shows a baseline
-  8-bit 3-component YCbCr JPEG within `max_side`, without a rotating EXIF orientation and with its end-of-image
-  marker; everything else goes through the default path. Entropy-coded data is not decoded in this mode (that is
-  what makes it run at close to copy speed); `--verify --decode` decodes every stored image.
+* `keep_original`: store the source bytes unchanged when a header scan (`scan_jpeg`) shows a baseline 8-bit
+  3-component YCbCr JPEG within `max_side`, without a rotating EXIF orientation and with its end-of-image marker,
+  and the file passes the very check `--verify --decode` applies to stored images (`check_stored`, decoded at 1/8
+  scale: the entropy-coded data is read in full, the inverse DCT is skipped). Everything else is re-encoded.
+
+Files are opened and decoded only through pipeline.shards.imagefile (format allow-list, `max_pixels`, corrupt JPEG
+data detected), and images far above the target size are shrunk before any per-pixel conversion (DCT scaling for
+JPEG, `reduce` for 16-bit and alpha images), so a worker holds a few bytes per source pixel at most.
 
 Decoding is deterministic for a given Pillow/libjpeg-turbo build, so the same input gives the same bytes; the
 encoder versions are recorded in the manifest (`encoder_versions`).
@@ -18,16 +22,26 @@ encoder versions are recorded in the manifest (`encoder_versions`).
 from __future__ import annotations
 
 import io
-import struct
-import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError, features
+from PIL import Image, features
+
+from pipeline.shards.imagefile import (
+    DEFAULT_MAX_PIXELS,
+    STORED_FORMATS,
+    ImageSkip,
+    load_image,
+    open_image,
+)
+from pipeline.shards.jpeg import ORIENTATION_TAG, JpegHeader, exif_orientation, scan_jpeg
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "DEFAULT_QUALITY", "ORIENTATION_TAG", "ImageConfig", "ImageSkip",
+           "JpegHeader", "ProcessedImage", "check_stored", "decode_stored", "encoder_versions", "fit_within",
+           "keep_original_blockers", "process_image", "reencode", "scan_jpeg"]
 
 DEFAULT_MAX_SIDE = 512
 DEFAULT_QUALITY = 90
 
-ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the image upright (PIL's ImageOps.exif_transpose table).
 _ORIENTATION_OPS = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -41,25 +55,26 @@ _ORIENTATION_OPS = {
 _SWAPS_AXES = (5, 6, 7, 8)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_JPEG_FORMATS = ("JPEG", "MPO")
 
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """How images are stored. `max_side`: longest side after downscaling; `quality`: JPEG quality 1-100."""
+    """How images are stored. `max_side`: longest side after downscaling; `quality`: JPEG quality 1-100;
+    `max_pixels`: inputs whose header declares more pixels are skipped (decompression-bomb guard)."""
 
     max_side: int = DEFAULT_MAX_SIDE
     quality: int = DEFAULT_QUALITY
     keep_original: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_side, int) or self.max_side < 16:
             raise ValueError(f"max_side must be an int >= 16, got {self.max_side!r}")
         if not isinstance(self.quality, int) or not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be an int in 1..100, got {self.quality!r}")
-
-
-class ImageSkip(Exception):
-    """The input cannot become a sample (empty, not an image, truncated, undecodable); str(e) is the reason."""
+        if not isinstance(self.max_pixels, int) or self.max_pixels < self.max_side:
+            raise ValueError(f"max_pixels must be an int >= max_side ({self.max_side}), got {self.max_pixels!r}")
 
 
 @dataclass(frozen=True)
@@ -91,89 +106,7 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Header scan: qualification for --keep-original without decoding
-
-
-@dataclass(frozen=True)
-class JpegHeader:
-    sof: int  # the SOFn marker byte: 0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...
-    precision: int
-    width: int
-    height: int
-    components: int
-    orientation: int  # EXIF orientation 2-8, or 1 when absent, upright or invalid
-    adobe_transform: int | None  # APP14 "Adobe" colour transform (1 = YCbCr), None when absent
-    multi_picture: bool  # APP2 "MPF": an MPO file with further images appended
-    has_eoi: bool
-
-
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}
-
-
-def _exif_orientation(tiff: bytes) -> int:
-    """Orientation (tag 0x0112) from the IFD0 of an EXIF TIFF block; 1 when absent or unreadable."""
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
-    e = "<" if tiff[:2] == b"II" else ">"
-    (ifd,) = struct.unpack_from(e + "I", tiff, 4)
-    if ifd + 2 > len(tiff):
-        return 1
-    (count,) = struct.unpack_from(e + "H", tiff, ifd)
-    for i in range(count):
-        entry = ifd + 2 + 12 * i
-        if entry + 12 > len(tiff):
-            break
-        tag, typ = struct.unpack_from(e + "HH", tiff, entry)
-        if tag == ORIENTATION_TAG and typ == 3:  # SHORT, stored in the first 2 bytes of the value field
-            value = struct.unpack_from(e + "H", tiff, entry + 8)[0]
-            # 1 is upright; 0 and other out-of-range values occur in the wild and every reader ignores them.
-            return value if value in _ORIENTATION_OPS else 1
-    return 1
-
-
-def scan_jpeg(data: bytes) -> JpegHeader | None:
-    """Walk the JPEG markers up to the first scan (no decoding); None when `data` is not a well-formed JPEG header."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos, n = 2, len(data)
-    sof = None
-    orientation, adobe, mpf = 1, None, False
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            pos += 2
-            continue
-        (seglen,) = struct.unpack_from(">H", data, pos + 2)
-        if seglen < 2 or pos + 2 + seglen > n:
-            return None
-        seg = data[pos + 4 : pos + 2 + seglen]
-        if marker in _SOF_MARKERS:
-            if len(seg) < 6:
-                return None
-            precision, height, width, comps = struct.unpack_from(">BHHB", seg)
-            sof = (marker, precision, width, height, comps)
-        elif marker == 0xE1 and seg[:6] == b"Exif\0\0":
-            orientation = _exif_orientation(seg[6:])
-        elif marker == 0xE2 and seg[:4] == b"MPF\0":
-            mpf = True
-        elif marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
-            adobe = seg[11]
-        elif marker == 0xDA:  # start of scan: the header is over
-            break
-        pos += 2 + seglen
-    else:
-        return None
-    if sof is None:
-        return None
-    # Decoders stop at EOI; some writers pad the file after it.
-    has_eoi = data.rstrip(b"\0")[-2:] == b"\xff\xd9"
-    return JpegHeader(*sof, orientation=orientation, adobe_transform=adobe, multi_picture=mpf, has_eoi=has_eoi)
+# Keep-original qualification
 
 
 def keep_original_blockers(header: JpegHeader | None, max_side: int) -> list[str]:
@@ -205,14 +138,21 @@ def keep_original_blockers(header: JpegHeader | None, max_side: int) -> list[str
 # Decode and re-encode
 
 
-def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
-    """(RGB image, conversion reason or None). Alpha is composited over white, as an image viewer shows it."""
+def _to_rgb(im: Image.Image, factor: int = 1) -> tuple[Image.Image, str | None]:
+    """(RGB image, conversion reason or None). Alpha is composited over white, as an image viewer shows it.
+
+    `factor` >= 2: the image is far larger than needed, and modes whose conversion costs several bytes per pixel
+    (16-bit, float, alpha) are first shrunk by that integer factor (`reduce`, a box filter; alpha premultiplied).
+    """
     mode = im.mode
     if mode == "RGB":
         return im, None
     if mode in _SIXTEEN_BIT_MODES or mode == "F":
         # Imported here: numpy costs every spawned worker ~50 ms at start-up and is needed only for these modes.
         import numpy as np
+
+        if factor >= 2:
+            im = (im if mode in ("I", "F") else im.convert("I")).reduce(factor)
     if mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert("L") clips 16-bit values at 255; scale the full range instead.
         arr = np.asarray(im, dtype=np.uint32)
@@ -226,65 +166,58 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
     if mode == "P":
         return im.convert("RGB"), "palette -> RGB"
     if im.mode in _ALPHA_MODES:
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # convert() to the same mode would copy
+        if factor >= 2:
+            rgba = rgba.convert("RGBa").reduce(factor).convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} alpha composited over white -> RGB"
     names = {"L": "grayscale", "1": "1-bit", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV"}
     return im.convert("RGB"), f"{names.get(mode, mode)} -> RGB"
 
 
-def _open(data: bytes) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageSkip("not an image (format not recognised)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageSkip(f"image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        raise ImageSkip(f"truncated or unreadable image header ({e})") from None
+def image_orientation(data: bytes, im: Image.Image) -> int:
+    """EXIF orientation of an opened input, read by pipeline.shards.jpeg.exif_orientation (the project's one
+    EXIF parser): a JPEG's first APP1 Exif block, a TIFF's own first IFD, PNG eXIf / WebP EXIF chunks."""
+    if im.format in _JPEG_FORMATS:
+        header = scan_jpeg(data)
+        return header.orientation if header is not None else 1
+    if im.format == "TIFF":
+        return exif_orientation(data)
+    exif = im.info.get("exif")
+    if isinstance(exif, bytes):
+        return exif_orientation(exif[6:] if exif.startswith(b"Exif\0\0") else exif)
+    return 1
 
 
-def _orientation(im: Image.Image) -> int:
+def _animated(im: Image.Image) -> bool:
+    # `is_animated` looks at the second frame only: counting every frame (n_frames) of a hostile GIF or TIFF
+    # could take unbounded time.
     try:
-        value = im.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # a malformed EXIF block must not cost the image; it is dropped on re-encode anyway
-        return 1
-    return value if value in _ORIENTATION_OPS else 1
+        return bool(getattr(im, "is_animated", False))
+    except Exception:  # a damaged second frame: the first may still be fine, and is decoded (and checked) next
+        return True
 
 
 def reencode(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     """Decode, upright, RGB, area-downscale to `cfg.max_side`, baseline 4:2:0 JPEG at `cfg.quality`; no metadata."""
-    im = _open(data)
+    im = open_image(data, max_pixels=cfg.max_pixels)
     conversions = []
     if im.format != "JPEG":
         conversions.append(f"{im.format or 'unknown'} image re-encoded as JPEG")
-    try:
-        frames = getattr(im, "n_frames", 1)
-    except (OSError, ValueError, SyntaxError, struct.error) as e:
-        raise ImageSkip(f"truncated or corrupt image data ({e})") from None
-    if frames > 1:
-        conversions.append(f"{frames} frames, first kept")
-    orientation = _orientation(im)
+    if _animated(im):
+        conversions.append("several frames, first kept")
+    orientation = image_orientation(data, im)
     stored_w, stored_h = im.size
     target = fit_within(stored_w, stored_h, cfg.max_side)
     # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding: big files decode several times faster; the area
     # filter below then takes the image to its exact size.
-    if im.format == "JPEG" and target[0] * 2 <= stored_w:
+    if im.format in _JPEG_FORMATS and target[0] * 2 <= stored_w:
         im.draft(im.mode if im.mode in ("L", "CMYK") else "RGB", target)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im.load()
-    except Image.DecompressionBombError as e:
-        raise ImageSkip(f"image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        raise ImageSkip(f"truncated or corrupt image data ({e})") from None
+    load_image(im, data)
     mode = im.mode
     buf = io.BytesIO()
     try:
-        im, why = _to_rgb(im)
+        im, why = _to_rgb(im, min(im.size[0] // target[0], im.size[1] // target[1]))
         if why:
             conversions.append(why)
         if im.size != target:
@@ -293,7 +226,7 @@ def reencode(data: bytes, cfg: ImageConfig) -> ProcessedImage:
             im = im.transpose(_ORIENTATION_OPS[orientation])
             conversions.append(f"EXIF orientation {orientation} applied")
         im.save(buf, "JPEG", quality=cfg.quality, subsampling=2, optimize=False, progressive=False)
-    except (OSError, ValueError, struct.error) as e:  # an exotic mode Pillow cannot convert: listed, not fatal
+    except (OSError, ValueError, TypeError, MemoryError) as e:  # an exotic mode Pillow cannot convert: listed
         raise ImageSkip(f"cannot convert this {mode} image to an RGB JPEG ({e})") from None
     width, height = (stored_h, stored_w) if orientation in _SWAPS_AXES else (stored_w, stored_h)
     return ProcessedImage(
@@ -306,6 +239,34 @@ def reencode(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     )
 
 
+def check_stored(jpeg: bytes, max_side: int | None = None, full: bool = True) -> Image.Image:
+    """The check every stored image passes: an RGB JPEG (not MPO), no rotating EXIF orientation (read by the same
+    parser as keep-original's qualification), within `max_side`, decoding without truncation or corrupt data.
+
+    `full=False` decodes at 1/8 scale (all entropy-coded data is read, the inverse DCT is skipped): what
+    `--keep-original` runs on every file it keeps. Returns the decoded image; raises ImageSkip with the reason.
+    """
+    im = open_image(jpeg, formats=STORED_FORMATS)
+    if im.format != "JPEG" or im.mode != "RGB":
+        raise ImageSkip(f"stored image is {im.format} {im.mode}, expected an RGB JPEG")
+    header = scan_jpeg(jpeg)
+    if header is None:
+        raise ImageSkip("stored image has a malformed JPEG header")
+    if header.orientation != 1:
+        raise ImageSkip(f"stored image has EXIF orientation {header.orientation}; readers would disagree on it")
+    if max_side is not None and max(im.size) > max_side:
+        raise ImageSkip(f"jpg is {im.size[0]}x{im.size[1]}, larger than max-side {max_side}")
+    if not full:
+        im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))  # 1/8 scale: DC coefficients only
+    load_image(im, jpeg)
+    return im
+
+
+def decode_stored(jpeg: bytes) -> Image.Image:
+    """Fully decode a stored sample image; raises ImageSkip when it is not an upright RGB JPEG (--verify --decode)."""
+    return check_stored(jpeg)
+
+
 def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     """The stored form of one input file; raises ImageSkip with the reason when it cannot be stored."""
     if not data:
@@ -315,22 +276,10 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     header = scan_jpeg(data)
     blockers = keep_original_blockers(header, cfg.max_side)
     if not blockers:
+        # What is kept passes its own `--verify --decode`: the same check, and corrupt data is never stored.
+        check_stored(data, cfg.max_side, full=False)
         return ProcessedImage(jpeg=data, width=header.width, height=header.height, reencoded=False, resized=False)
     out = reencode(data, cfg)
     # In this mode every re-encode is a conversion of the original: list why, then what was done.
     extra = tuple(c for c in out.conversions if c not in blockers)
     return ProcessedImage(out.jpeg, out.width, out.height, True, out.resized, tuple(blockers) + extra)
-
-
-def decode_stored(jpeg: bytes) -> Image.Image:
-    """Fully decode a stored sample image; raises ImageSkip when it is not an upright RGB JPEG (--verify --decode)."""
-    im = _open(jpeg)
-    if im.format != "JPEG" or im.mode != "RGB":
-        raise ImageSkip(f"stored image is {im.format} {im.mode}, expected an RGB JPEG")
-    if _orientation(im) != 1:
-        raise ImageSkip(f"stored image has EXIF orientation {_orientation(im)}; readers would disagree on it")
-    try:
-        im.load()
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        raise ImageSkip(f"truncated or corrupt image data ({e})") from None
-    return im

@@ -27,6 +27,7 @@ each component, `<ext> <data offset> <size> <member name>`; offsets point at the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.fileio import atomic_write_json, start_writeback, tmp_path_for
+from pipeline.fileio import (
+    atomic_write_json,
+    disk_full_error,
+    fsync_dir,
+    is_disk_full,
+    start_writeback,
+    tmp_path_for,
+)
 
 FORMAT_NAME = "supmae-wds"
 FORMAT_VERSION = 1
@@ -188,7 +196,12 @@ class ShardWriter:
         return self._offset
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.folder / self.tar_name, "shard", self._offset + len(data), e) from e
+            raise
         self._sha.update(data)
         self._offset += len(data)
         if self._offset - self._written_back >= WRITEBACK_BYTES:
@@ -227,7 +240,8 @@ class ShardWriter:
         self._index_lines.append(" ".join(parts))
 
     def close(self) -> ShardRecord:
-        """Finish the tar (end blocks, record padding), write the index, rename both into place."""
+        """Finish the tar (end blocks, record padding), write the index, fsync both, rename both into place and
+        fsync the folder (a power loss then keeps both under their final names, or neither)."""
         if self._closed:
             raise RuntimeError(f"shard {self.tar_name} already closed")
         if not self._index_lines:
@@ -238,16 +252,27 @@ class ShardWriter:
         pad = -self._offset % TAR_RECORD
         if pad:
             self._write(b"\0" * pad)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._closed = True
         index = (f"{INDEX_VERSION} {len(self._index_lines)}\n" + "\n".join(self._index_lines) + "\n").encode()
         index_tmp = tmp_path_for(self.folder / self.index_name)
-        index_tmp.write_bytes(index)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._closed = True
+            with open(index_tmp, "wb") as f:
+                f.write(index)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException as e:
+            index_tmp.unlink(missing_ok=True)
+            self.abort()
+            if is_disk_full(e):
+                raise disk_full_error(self.folder / self.tar_name, "shard", self._offset + len(index), e) from e
+            raise
         # Index first: a final-named tar always has its index beside it.
         os.replace(index_tmp, self.folder / self.index_name)
         os.replace(self._tar_tmp, self.folder / self.tar_name)
+        fsync_dir(self.folder)
         return ShardRecord(
             file=self.tar_name,
             index=self.index_name,
@@ -261,8 +286,9 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop a partly written shard (temporary file removed)."""
         if not self._closed:
-            self._file.close()
             self._closed = True
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+                self._file.close()
         self._tar_tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -446,7 +472,7 @@ class Manifest:
             raise ShardFormatError(f"{origin}: malformed manifest ({e!r}); re-shard the data") from e
 
     def save(self, folder: str | os.PathLike) -> None:
-        atomic_write_json(Path(folder) / MANIFEST_NAME, self.to_dict())
+        atomic_write_json(Path(folder) / MANIFEST_NAME, self.to_dict(), what="manifest")
 
 
 def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
@@ -462,8 +488,8 @@ def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
             f"run `./launch.sh shard SRC {folder}` (re-running resumes an interrupted run)"
         )
     try:
-        d = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{mpath}: not valid JSON ({e}); re-run the shard command to rewrite it") from e
     return Manifest.from_dict(d, origin=str(mpath)), folder
 

@@ -9,6 +9,8 @@
              converts them (pipeline.shards.imageproc) and writes the shard and its DALI index with ShardWriter (temporary
              names, renamed when complete). A shard's bytes depend only on its inputs, never on which worker or
              how many workers wrote it. A worker holds one image at a time; the main process holds the plan.
+             Whatever one input raises skips that input (listed with the exception); a worker that dies (the
+             out-of-memory killer) stops the run with the shard it was writing named, and a re-run resumes.
     record   when a shard is renamed into place its record (sha256, counts, skipped and converted inputs) goes back
              to the main process, which appends it as one line to OUT/.shard-state/journal.jsonl; a shard counts as
              done when its journal line and its files exist (a line torn by a kill is ignored: the shard is redone).
@@ -16,7 +18,8 @@
              and resumed run ends with the same bytes as an uninterrupted one) and the state folder is removed.
 
 OUT/.shard-state/plan.json records the run's fingerprint (source, its listing digest, every option that changes
-the output, encoder versions): re-running the same command resumes, a different one refuses unless `overwrite`.
+the output, encoder versions): re-running the same command resumes, a different one refuses unless `overwrite`,
+which deletes only what an earlier run recorded writing (its manifest, journal and plan name the files).
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, disk_full_error, folder_problem, fsync_dir, is_disk_full
 from pipeline.shards.imageproc import ImageConfig, ImageSkip, encoder_versions, process_image
 from pipeline.shards.shard_format import (
     MANIFEST_NAME,
@@ -62,7 +66,9 @@ from pipeline.shards.sources import ItemRef, SourceListing, open_source, read_it
 from pipeline.shards.val_labels import FORMATS as LABEL_FORMATS
 from pipeline.shards.val_labels import ValLabels, image_stem, load_class_map, load_val_labels
 
-TOOL_VERSION = "1.1"  # 1.1: per-sample crc32 instead of sha256 in KEY.json
+# 1.1: per-sample crc32 instead of sha256 in KEY.json. 1.2: format allow-list, --max-pixels, corrupt JPEG data
+# skipped, large 16-bit/alpha images shrunk before conversion.
+TOOL_VERSION = "1.2"
 STATE_DIR = ".shard-state"
 PLAN_NAME = "plan.json"
 JOURNAL_NAME = "journal.jsonl"
@@ -231,8 +237,16 @@ def _labels_for(cfg: ShardConfig, listing: SourceListing, labels: ValLabels | No
     return [labels.by_stem.get(image_stem(it.rel)) for it in listing.items]
 
 
+def check_out(out: Path) -> None:
+    """OUT is a folder that can be written (or can be created: its nearest existing parent is a writable folder)."""
+    problem = folder_problem(out)
+    if problem:
+        raise ShardingError(f"OUT {out}: {problem}; choose a folder you can write (it is created if missing)")
+
+
 def build_plan(cfg: ShardConfig) -> Plan:
     """Enumerate, label, number, shuffle and cut the source into shards; nothing is written."""
+    check_out(cfg.out)
     src, out = cfg.src.resolve(), cfg.out.resolve()
     if src.is_dir() and (out == src or src in out.parents):
         raise ShardingError(f"OUT {cfg.out} is inside SRC {cfg.src}: the shards would become inputs; choose another OUT")
@@ -296,6 +310,7 @@ def _fingerprint(cfg, listing, labels, classes, planned, skipped, num_shards) ->
             "max_side": cfg.image.max_side,
             "quality": cfg.image.quality,
             "keep_original": cfg.image.keep_original,
+            "max_pixels": cfg.image.max_pixels,
             "labels": str(cfg.labels.resolve()) if cfg.labels else None,
             "labels_format": labels.format if labels else None,
             "meta": str(cfg.meta.resolve()) if cfg.meta else None,
@@ -315,6 +330,8 @@ def canonical_command(fingerprint: dict[str, Any]) -> list[str]:
     cmd += ["--seed", str(o["seed"])]
     cmd += ["--shard-size", str(o["shard_size"])] if o["shard_size"] else ["--shard-samples", str(o["shard_samples"])]
     cmd += ["--max-side", str(o["max_side"]), "--quality", str(o["quality"])]
+    if o.get("max_pixels") is not None:
+        cmd += ["--max-pixels", str(o["max_pixels"])]
     if o["keep_original"]:
         cmd.append("--keep-original")
     for opt in ("labels", "meta", "class_map"):
@@ -404,11 +421,21 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                 skipped.append({"src": item.rel, "reason": f"cannot read ({e.strerror or e})"})
                 progress.add(0)
                 continue
+            except Exception as e:  # anything else reading one input may raise costs that input only
+                skipped.append({"src": item.rel, "reason": f"cannot read ({type(e).__name__}: {e})"})
+                progress.add(0)
+                continue
             stats["source_bytes"] += len(data)
             try:
                 out = process_image(data, task.image)
             except ImageSkip as e:
                 skipped.append({"src": item.rel, "reason": str(e)})
+                progress.add(len(data))
+                continue
+            except Exception as e:
+                # One input never stops a run: whatever a decoder raises on it (Pillow's plugins raise IndexError,
+                # KeyError, TypeError, MemoryError, ... on hostile files) skips it, named with the exception.
+                skipped.append({"src": item.rel, "reason": f"decoder failed ({type(e).__name__}: {e})"})
                 progress.add(len(data))
                 continue
             meta = {
@@ -505,6 +532,36 @@ def _noop() -> None:
     return None
 
 
+def _tracked(fn: Callable, index: int, task: Any) -> Any:
+    """Runs in a worker: tell the main process which task this worker (pid) runs, then run it."""
+    if WorkerProgress.sink is not None:
+        WorkerProgress.sink(("start", os.getpid(), index))
+    return fn(task)
+
+
+class _WorkerDied(Exception):
+    """A worker process ended abruptly (the pool is broken); explained once the pool has shut down."""
+
+
+def explain_worker_death(exitcode: int | None, what: str) -> str:
+    """What to tell the user when the worker running `what` (e.g. "shard 3 (x-train-000003.tar)") died."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            sig = signal.Signals(-exitcode).name
+        except ValueError:
+            sig = f"signal {-exitcode}"
+        if -exitcode == signal.SIGKILL:
+            return (f"{what}: its worker process was killed by SIGKILL, most likely by the kernel's out-of-memory "
+                    "killer (`dmesg` shows it): a worker holds one image at a time, but a huge image can need "
+                    "several GB. Re-run the same command (finished shards are kept) with fewer --workers, or "
+                    "lower --max-pixels to skip such images")
+        return (f"{what}: its worker process died of {sig} (a crash while decoding one of its inputs, or a signal "
+                "from outside); re-run the same command to resume (finished shards are kept); if it recurs at the "
+                "same shard, report it with the command")
+    return (f"{what}: its worker process exited unexpectedly (status {exitcode}); re-run the same command to resume "
+            "(finished shards are kept)")
+
+
 def run_tasks(
     fn: Callable,
     tasks: list,
@@ -520,9 +577,12 @@ def run_tasks(
     `progress.start(*totals)` is called once the workers exist (a display thread started earlier would make
     forking unsafe: see `worker_start_method`); workers report (files, bytes) through a queue to `progress`.
     `on_result(result)` runs in this process as each task finishes. A failing task stops the run with an error
-    naming it (`describe(task)`); finished tasks keep their output, so a re-run continues from there.
+    naming it (`describe(task)`); a worker that dies (the out-of-memory killer, a crash) is reported with the task
+    it was running, the likely cause and what to do. Finished tasks keep their output, so a re-run continues.
     `parent_only_fds`: descriptors a forked worker closes (the lock on OUT).
     """
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     results: dict[int, Any] = {}
 
     def finished(i: int, result: Any) -> None:
@@ -530,8 +590,13 @@ def run_tasks(
         if on_result is not None:
             on_result(result)
 
-    def on_message(msg: tuple[int, int]) -> None:
-        progress.advance(*msg)
+    running: dict[int, int] = {}  # worker pid -> index of the task it last started
+
+    def on_message(msg: tuple) -> None:
+        if msg[0] == "start":
+            running[msg[1]] = msg[2]
+        else:
+            progress.advance(*msg)
 
     if workers == 1 or len(tasks) <= 1:
         progress.start(*totals)
@@ -552,29 +617,42 @@ def run_tasks(
     ctx = mp.get_context(worker_start_method())
     # A SimpleQueue has no feeder thread: a put writes to the pipe at once (tiny messages, ~10 per second).
     messages = ctx.SimpleQueue()
+    processes: dict[int, Any] = {}  # pid -> multiprocessing.Process, to read the exit status of one that died
 
     def drain() -> None:
         while not messages.empty():
             on_message(messages.get())
 
-    with contextlib.closing(messages), _started_pool(min(workers, len(tasks)), ctx, messages, parent_only_fds) as pool:
-        progress.start(*totals)
-        pending = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
-        try:
-            while pending:
-                done, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                drain()
-                for fut in done:
-                    i = pending.pop(fut)
-                    try:
-                        result = fut.result()
-                    except Exception as e:
-                        raise ShardingError(f"{describe(tasks[i])} failed: {e}") from e
-                    finished(i, result)
-        except BaseException:
-            _wind_down(pending, drain, finished)
-            raise
-        drain()  # a worker's last message is in the pipe before its task's result
+    try:
+        with contextlib.closing(messages), _started_pool(min(workers, len(tasks)), ctx, messages,
+                                                         parent_only_fds) as pool:
+            progress.start(*totals)
+            pending = {pool.submit(_tracked, fn, i, t): i for i, t in enumerate(tasks)}
+            try:
+                while pending:
+                    processes.update(getattr(pool, "_processes", None) or {})
+                    done, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                    drain()
+                    for fut in done:
+                        i = pending.pop(fut)
+                        try:
+                            result = fut.result()
+                        except BrokenProcessPool as e:
+                            raise _WorkerDied() from e
+                        except Exception as e:
+                            raise ShardingError(f"{describe(tasks[i])} failed: {e}") from e
+                        finished(i, result)
+            except BaseException:
+                _wind_down(pending, drain, finished)
+                raise
+            drain()  # a worker's last message is in the pipe before its task's result
+    except _WorkerDied as e:
+        # The pool has shut down: every worker is joined and has its exit status.
+        dead = sorted(((p.exitcode, pid) for pid, p in processes.items() if p.exitcode not in (None, 0)),
+                      key=lambda t: (t[0] != -signal.SIGKILL, t[0] == -signal.SIGTERM))
+        code, pid = dead[0] if dead else (None, None)
+        what = describe(tasks[running[pid]]) if pid in running else "a worker"
+        raise ShardingError(explain_worker_death(code, what)) from e.__cause__
     return [results[i] for i in range(len(tasks))]
 
 
@@ -623,12 +701,52 @@ def _locked(out: Path):
         os.close(fd)
 
 
-def _clear_outputs(out: Path) -> None:
-    """Remove what a shard run writes (shards, indexes, manifest, _info.json, state, temporaries); nothing else."""
-    for entry in out.iterdir():
-        if entry.name in (MANIFEST_NAME, TIMM_INFO_NAME) or SHARD_FILE_RE.match(entry.name) or TMP_FILE_RE.match(entry.name):
-            entry.unlink()
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+def _recorded_outputs(out: Path) -> list[Path]:
+    """The files an earlier run of this tool recorded writing to `out`: the shards and indexes its manifest or
+    journal lists and those its plan named, manifest.json and _info.json (when a manifest or plan shows a shard
+    run), the state folder's files, and the tool's temporaries of those names. Nothing else."""
+    names: set[str] = set()
+    try:
+        manifest, _ = load_manifest(out)
+    except (ShardFormatError, FileNotFoundError, OSError, UnicodeDecodeError):
+        manifest = None
+    if manifest is not None:
+        names |= {n for r in manifest.shards for n in (r.file, r.index)} | {MANIFEST_NAME, TIMM_INFO_NAME}
+    state = out / STATE_DIR
+    try:
+        plan = json.loads((state / PLAN_NAME).read_text())
+        o = plan["options"]
+        names |= {n for i in range(int(o["num_shards_planned"])) for n in shard_filenames(o["name"], o["split"], i)}
+        names |= {MANIFEST_NAME, TIMM_INFO_NAME}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    with contextlib.suppress(OSError):
+        for line in (state / JOURNAL_NAME).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                rec = json.loads(line).get("record") or {}
+                names |= {rec["file"], rec["index"]}
+    found = []
+    for entry in out.iterdir() if out.is_dir() else ():
+        tmp = TMP_FILE_RE.match(entry.name)
+        base = entry.name[1:].rsplit(".", 2)[0] if tmp else entry.name
+        if entry.is_file() and base in names and "/" not in base:
+            found.append(entry)
+    for entry in state.iterdir() if state.is_dir() else ():
+        if entry.is_file() and (entry.name in (PLAN_NAME, JOURNAL_NAME) or TMP_FILE_RE.match(entry.name)):
+            found.append(entry)
+    return sorted(found)
+
+
+def _clear_outputs(out: Path) -> list[str]:
+    """Delete what an earlier run recorded writing to OUT (`_recorded_outputs`); returns their names."""
+    removed = []
+    for path in _recorded_outputs(out):
+        path.unlink(missing_ok=True)
+        removed.append(str(path.relative_to(out)))
+    with contextlib.suppress(OSError):
+        (out / STATE_DIR).rmdir()  # only when empty: a file the tool did not write stays, and so does its folder
+    fsync_dir(out)
+    return removed
 
 
 def _remove_temporaries(out: Path) -> None:
@@ -643,12 +761,19 @@ def _refuse(out: Path, why: str) -> ShardingError:
     return ShardingError(f"{out} {why}; re-run with --overwrite to replace it, or choose another OUT")
 
 
-def _prepare_out(cfg: ShardConfig, plan: Plan) -> bool:
-    """Check OUT against this run; True when OUT already holds its complete output. Caller holds the lock."""
+def _prepare_out(cfg: ShardConfig, plan: Plan, removed: list[str]) -> bool:
+    """Check OUT against this run; True when OUT already holds its complete output. Caller holds the lock.
+    With `overwrite`, what an earlier run recorded writing is deleted first (its names appended to `removed`)."""
     out = cfg.out
     plan_path = out / STATE_DIR / PLAN_NAME
     if cfg.overwrite:
-        _clear_outputs(out)
+        removed += _clear_outputs(out)
+        mine = {n for i in range(len(plan.shards)) for n in shard_filenames(cfg.name, cfg.split, i)}
+        clash = sorted(n for n in mine | {MANIFEST_NAME, TIMM_INFO_NAME} if (out / n).exists())
+        if clash:
+            raise ShardingError(f"{out} holds {', '.join(clash[:5])}, which this run would write, but no earlier "
+                                "shard run recorded writing them (--overwrite deletes only what the tool wrote): "
+                                "move them away or choose another OUT")
     elif (out / MANIFEST_NAME).is_file():
         try:
             manifest, _ = load_manifest(out)
@@ -681,7 +806,7 @@ def _prepare_out(cfg: ShardConfig, plan: Plan) -> bool:
             raise _refuse(out, f"is not empty and holds no shard run ({', '.join(others[:5])})")
     plan_path.parent.mkdir(exist_ok=True)
     _remove_temporaries(out)
-    atomic_write_json(plan_path, plan.fingerprint)
+    atomic_write_json(plan_path, plan.fingerprint, what="run plan")
     return False
 
 
@@ -717,17 +842,24 @@ class _Journal:
         return {i: p for i, p in parts.items() if i in valid}
 
     def append(self, part: dict[str, Any]) -> None:
-        if self._file is None:
-            torn = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            if torn:  # end the torn line so that it stays one bad line instead of spoiling the next
-                self._file.write("\n")
-        self._file.write(json.dumps(part) + "\n")
-        self._file.flush()
+        try:
+            if self._file is None:
+                torn = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+                if torn:  # end the torn line so that it stays one bad line instead of spoiling the next
+                    self._file.write("\n")
+            self._file.write(json.dumps(part) + "\n")
+            self._file.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                # The shard itself is in place; without its journal line a re-run writes it again.
+                raise disk_full_error(self.path, "the shard journal", cause=e) from e
+            raise
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a full disk was reported by append
+                self._file.close()
             self._file = None
 
 
@@ -745,6 +877,7 @@ class ShardRunResult:
     seconds: float
     files_processed: int  # by this run
     bytes_processed: int  # source bytes read by this run
+    removed: list[str] = field(default_factory=list)  # files of an earlier run deleted by --overwrite
 
 
 def _assemble(cfg: ShardConfig, plan: Plan, parts: list[dict[str, Any]]) -> Manifest:
@@ -805,12 +938,17 @@ def run_sharding(cfg: ShardConfig, progress: ProgressSink | None = None, plan: P
     progress = progress or NullProgress()
     t0 = time.perf_counter()
     plan = plan or build_plan(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    check_out(cfg.out)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShardingError(f"cannot create OUT {cfg.out} ({e.strerror or e}); choose a folder you can write") from e
+    removed: list[str] = []
     with _locked(cfg.out) as lock_fd:
-        if _prepare_out(cfg, plan):
+        if _prepare_out(cfg, plan, removed):
             manifest, _ = load_manifest(cfg.out)
             shutil.rmtree(cfg.out / STATE_DIR, ignore_errors=True)
-            return ShardRunResult(manifest, plan.warnings, True, 0, len(manifest.shards), 0.0, 0, 0)
+            return ShardRunResult(manifest, plan.warnings, True, 0, len(manifest.shards), 0.0, 0, 0, removed)
         tasks = [ShardTask(cfg.out, cfg.name, cfg.split, i, items, cfg.image) for i, items in enumerate(plan.shards)]
         journal = _Journal(cfg.out)
         finished = journal.completed(tasks)
@@ -836,8 +974,8 @@ def run_sharding(cfg: ShardConfig, progress: ProgressSink | None = None, plan: P
                 f"{len(empty)} planned shards had no readable input and were not written ({', '.join(empty[:5])}): "
                 "the shard numbers have gaps; manifest.json and _info.json list the shards that exist"
             )
-        atomic_write_json(cfg.out / TIMM_INFO_NAME, timm_info(manifest))
-        manifest.save(cfg.out)  # last: a manifest means the folder is complete
+        atomic_write_json(cfg.out / TIMM_INFO_NAME, timm_info(manifest), what="_info.json")
+        manifest.save(cfg.out)  # last: a manifest means the folder is complete (written durably)
     shutil.rmtree(cfg.out / STATE_DIR, ignore_errors=True)
     return ShardRunResult(
         manifest=manifest,
@@ -848,4 +986,5 @@ def run_sharding(cfg: ShardConfig, progress: ProgressSink | None = None, plan: P
         seconds=time.perf_counter() - t0,
         files_processed=sum(len(t.items) for t in todo),
         bytes_processed=sum(it.ref.size for t in todo for it in t.items),
+        removed=removed,
     )

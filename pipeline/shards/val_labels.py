@@ -39,6 +39,22 @@ class LabelsError(ValueError):
     """A labels or class-map file is malformed or does not fit the data; the message names file and line."""
 
 
+def decode_text(data: bytes, origin: str) -> str:
+    """UTF-8 text of a labels or class-map file (a leading byte-order mark, as spreadsheet programs write, is
+    dropped); LabelsError naming the file and line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise LabelsError(f"{origin}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                          "save the file as UTF-8") from None
+
+
+def read_text(path: Path) -> str:
+    return decode_text(path.read_bytes(), str(path))
+
+
 def image_stem(name: str) -> str:
     """The part of a file name that labels files key on: the base name without its last extension."""
     base = name.rsplit("/", 1)[-1]
@@ -150,8 +166,12 @@ def read_mat(data: bytes, origin: str = "MAT file") -> dict[str, Any]:
             if typ == _MI_MATRIX:
                 name, value = _mat_matrix(payload, e)
                 out[name] = value
-    except (struct.error, zlib.error, IndexError, StopIteration) as err:
-        raise LabelsError(f"{origin}: malformed MAT file ({err!r})") from err
+    except LabelsError as err:
+        raise LabelsError(f"{origin}: {err}") from err
+    except (struct.error, zlib.error, IndexError, StopIteration, ValueError, TypeError, KeyError, OverflowError,
+            MemoryError, RecursionError) as err:  # whatever damaged bytes make the reader trip over
+        raise LabelsError(f"{origin}: malformed MAT file ({err!r}); is it the devkit's data/meta.mat, undamaged?"
+                          ) from err
     return out
 
 
@@ -185,7 +205,7 @@ def load_class_map(path: str | Path) -> list[ClassEntry]:
     if not path.is_file():
         raise LabelsError(f"--class-map {path} does not exist; give the train split's shard folder or a wnid list")
     classes, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.strip().split(None, 1)
@@ -205,24 +225,29 @@ def load_class_map(path: str | Path) -> list[ClassEntry]:
 
 def _read_devkit_files(path: Path, meta: Path | None) -> tuple[str, bytes, str]:
     """(ground-truth text, meta.mat bytes, origin) from the two files or the devkit tarball."""
-    if tarfile.is_tarfile(path):
-        with tarfile.open(path) as tf:
-            found = {}
-            for m in tf:
-                base = m.name.rsplit("/", 1)[-1]
-                if m.isreg() and base in (DEVKIT_GROUND_TRUTH, DEVKIT_META):
-                    found[base] = tf.extractfile(m).read()
+    if _is_archive(path):
+        found = {}
+        try:
+            with tarfile.open(path) as tf:
+                for m in tf:
+                    base = m.name.rsplit("/", 1)[-1]
+                    if m.isreg() and base in (DEVKIT_GROUND_TRUTH, DEVKIT_META):
+                        found[base] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise LabelsError(f"{path}: the devkit archive is damaged or cut short ({type(e).__name__}: {e}); "
+                              "download ILSVRC2012_devkit_t12.tar.gz again") from e
         missing = {DEVKIT_GROUND_TRUTH, DEVKIT_META} - set(found)
         if missing:
             raise LabelsError(f"{path} does not contain {', '.join(sorted(missing))}; is it ILSVRC2012_devkit_t12.tar.gz?")
-        return found[DEVKIT_GROUND_TRUTH].decode("ascii"), found[DEVKIT_META], str(path)
+        origin = f"{path}:{DEVKIT_GROUND_TRUTH}"
+        return decode_text(found[DEVKIT_GROUND_TRUTH], origin), found[DEVKIT_META], str(path)
     meta = meta or path.with_name(DEVKIT_META)
     if not meta.is_file():
         raise LabelsError(
             f"{path} holds ILSVRC2012_IDs, which need the devkit's meta.mat to become classes: "
             f"{meta} not found; pass --meta PATH/meta.mat (or give the devkit .tar.gz as --labels)"
         )
-    return path.read_text(encoding="ascii"), meta.read_bytes(), str(path)
+    return read_text(path), meta.read_bytes(), str(path)
 
 
 def _devkit(path: Path, meta: Path | None) -> ValLabels:
@@ -294,12 +319,26 @@ _INT_LINE = re.compile(r"^\s*\d+\s*$")
 _CAFFE_LINE = re.compile(r"^\s*\S+\s+\d+\s*$")
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def _is_archive(path: Path) -> bool:
+    """A tar (possibly compressed) -- or something compressed that should have been one (a damaged download)."""
+    try:
+        if tarfile.is_tarfile(path):
+            return True
+    except (OSError, EOFError, zlib.error):
+        return True
+    with open(path, "rb") as f:
+        return f.read(6).startswith(_COMPRESSED_MAGIC)
+
+
 def detect_format(path: Path) -> str:
     """Which of FORMATS a labels file is, from its content (a tarball is the devkit)."""
-    if tarfile.is_tarfile(path):
+    if _is_archive(path):
         return "devkit"
     with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", "replace")
+        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff")
     first = next((line for line in head.splitlines() if line.strip()), "")
     if first.startswith("ImageId"):
         return "kaggle"
@@ -320,6 +359,9 @@ def load_val_labels(
 ) -> ValLabels:
     """Read a labels file of any of FORMATS (`classes`: the class map, needed by the Caffe format)."""
     path = Path(path)
+    if path.is_dir():
+        raise LabelsError(f"--labels {path} is a folder; give the labels file itself (e.g. LOC_val_solution.csv, "
+                          "val.txt or ILSVRC2012_devkit_t12.tar.gz)")
     if not path.is_file():
         raise LabelsError(f"--labels {path} does not exist")
     if fmt == "auto":
@@ -328,7 +370,7 @@ def load_val_labels(
         raise LabelsError(f"unknown labels format {fmt!r}; choose from {', '.join(FORMATS)} or auto")
     if fmt == "devkit":
         return _devkit(path, Path(meta) if meta else None)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if fmt == "caffe":
         return _caffe(path, text, classes)
     if fmt == "kaggle":

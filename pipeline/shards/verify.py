@@ -237,6 +237,23 @@ def verify_shard(task: VerifyTask) -> ShardCheck:
     return check
 
 
+def locate_damage(folder: Path, manifest: Manifest, shard_file: str) -> Problem | None:
+    """The first problem `verify_shard` finds in one shard of `folder` (a sample's when one is named): used to name
+    the sample when a loader meets a corrupt shard during training."""
+    record = next((r for r in manifest.shards if r.file == shard_file), None)
+    if record is None:
+        return None
+    wnids = [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)]
+    check = None
+    # The per-image CRC-32 names a damaged sample without decoding; shards without it need the decode.
+    for decode in (False, True):
+        check = verify_shard(VerifyTask(Path(folder), record, wnids, None, decode=decode))
+        named = [p for p in check.problems if p.sample]
+        if named:
+            return named[0]
+    return check.problems[0] if check.problems else None
+
+
 @dataclass
 class VerifyReport:
     folder: Path

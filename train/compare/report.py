@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from train.metrics import read_jsonl
+
 AXES: dict[str, str] = {"pflops": "training PFLOPs", "device_hours": "device-hours"}
 PROTOCOL_NAMES = {"knn": "k-NN", "linprobe": "linear-probe", "finetune": "fine-tune"}
 RESULT_FORMAT = "supmae-fast-eval"  # train/eval/results.py's format tag (read here without importing the eval stack)
@@ -172,14 +174,10 @@ def read_train_curve(path: Path, warn: Callable[[str], None]) -> list[TrainPoint
     points = []
     if not path.is_file():
         return points
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            warn(f"{path}:{lineno}: not valid JSON (a line cut by a kill?); skipped")
-            continue
+    records, problems = read_jsonl(path)
+    for problem in problems:
+        warn(problem)
+    for _, rec in records:
         if rec.get("kind") != "train":
             continue
         points.append(TrainPoint(

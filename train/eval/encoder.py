@@ -22,7 +22,6 @@ embedding at layer 0, block i at layer i + 1, final norm / fc_norm / head at the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from model.flops import forward_flops
 from model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT
 from train.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_checkpoint
 from train.config import option_field as _f
-from train.metrics import METRICS_NAME
+from train.metrics import METRICS_NAME, read_jsonl
 
 RANDOM = "random"
 GLOBAL_POOLS = ("avg", "token")
@@ -208,11 +207,7 @@ def pretraining_compute(run_dir: Path | None, step: int, stored: dict[str, Any] 
     record of that step when there is one (the numbers the run's curves use), else the checkpoint's stored totals."""
     if run_dir is not None and (run_dir / METRICS_NAME).is_file():
         found = None
-        for line in (run_dir / METRICS_NAME).read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by kill -9
+        for _, rec in read_jsonl(run_dir / METRICS_NAME)[0]:  # lines cut by kill -9 or damaged are passed over
             if rec.get("kind") == "train" and rec.get("step") == step:
                 found = rec
         if found is not None:

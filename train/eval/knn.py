@@ -315,6 +315,8 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
         seed_all(cfg.seed)
         source = cfg.source(cfg.seed, warn=lambda m: print(f"knn: {m}", file=sys.stderr))
         img_size = cfg.img_size or source.model_cfg.img_size
+        # Built before any data is read: weights that do not fit the encoder (a partial state dict) are bad input.
+        encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
         loaders = [build_eval_loader(data, batch, img_size, cfg.data_backend, cfg.data_threads, cfg.seed, env)
                    for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
     except (ValueError, FileNotFoundError) as e:
@@ -324,7 +326,7 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
                                      nvidia=detect_nvidia() if env.is_main else None)
     if env.is_main:
         print(f"knn: {describe_environment(environment)}", file=sys.stderr)
-    result = knn_eval(source, loaders[0], loaders[1], settings, env, cfg.img_size)
+    result = knn_eval(encoder.vit, loaders[0], loaders[1], settings, env, cfg.img_size)
     if env.is_main:
         record = knn_record(source, result, {**cfg.to_dict(), "img_size": img_size}, env, environment)
         for path in write_result(record, cfg.out or None, say=lambda m: print(f"knn: {m}", file=sys.stderr)):

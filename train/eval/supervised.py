@@ -215,7 +215,7 @@ class Protocol:
         manifest, _ = load_manifest(cfg.data)
         num_classes = cfg.num_classes or manifest.num_classes
         source = cfg.source(cfg.seed, warn=notes.append)
-        resume = find_resume_state(cfg, env, notes)
+        resume = find_resume_state(cfg, env, notes, protocol=self.name)
         seed_all(cfg.seed)  # identical head (and random encoder) on every rank
         task = self.make_task(cfg, source, num_classes)
         seed_all(rank_seed(cfg.seed, env.rank))  # per-rank drop path, mixup, erasing
