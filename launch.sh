@@ -28,9 +28,11 @@ Training and evaluation
   finetune     fine-tune a pre-trained encoder
   linprobe     linear probe on a frozen encoder
   knn          k-NN accuracy of a frozen encoder
+  export       the encoder for timm / the HF hub / MAE's code                        (./launch.sh export --help)
+  visualize    MAE's reconstruction picture of a checkpoint                          (./launch.sh visualize --help)
 
 Measurement
-  bench        throughput and compute-to-accuracy benchmarks (pipeline, model, kernels, e2e, shard, compute)
+  bench        benchmarks: pipeline, model, kernels, e2e, shard, memory, compute (compute-to-accuracy)
   demo         the end-to-end demo: built-in data -> shards -> SupMAE vs MAE -> k-NN -> report
 
 Environment
@@ -105,6 +107,7 @@ case "$cmd" in
     shard)    ensure_setup; exec "$PY" -m tools.shard "$@" ;;
     pretrain) ensure_setup; exec "$PY" -m tools.launch pretrain "$@" ;;
     finetune|linprobe|knn) ensure_setup; exec "$PY" -m tools.launch "$cmd" "$@" ;;
+    export|visualize) ensure_setup; exec "$PY" -m "tools.$cmd" "$@" ;;
     bench)    ensure_setup; exec "$PY" -m tools.bench "$@" ;;
     demo)     ensure_setup; exec "$PY" -m tools.demo "$@" ;;
     *) echo "launch.sh: unknown subcommand '$cmd'" >&2; echo >&2; usage >&2; exit 2 ;;

@@ -43,7 +43,8 @@ def _launch(*args, cwd="/") -> subprocess.CompletedProcess:
 def test_launch_help_lists_every_subcommand_from_any_directory():
     res = _launch("help")
     assert res.returncode == 0
-    for sub in ("setup", "test", "help", "shard", "pretrain", "finetune", "linprobe", "knn", "bench", "demo"):
+    for sub in ("setup", "test", "help", "shard", "pretrain", "finetune", "linprobe", "knn", "export", "visualize",
+                "bench", "demo"):
         assert re.search(rf"^\s+{sub}\s", res.stdout, re.M), sub
 
 

@@ -33,6 +33,7 @@ from train.checkpoint import (
 from train.config import LoopConfig
 from train.distributed import DistEnv, StopRequest, broadcast_object, destroy_distributed, init_distributed
 from train.metrics import RunLog
+from train.tracking.wandb_sink import require_wandb
 
 if TYPE_CHECKING:
     from train.trainer import Trainer
@@ -76,7 +77,10 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 
 def check_run_folder(cfg: LoopConfig) -> None:
-    """A new run must not land on an old one's checkpoints; an explicit --resume file must exist."""
+    """A new run must not land on an old one's checkpoints; an explicit --resume file must exist; the trackers it
+    asks for must be installed (--wandb)."""
+    if cfg.wandb:
+        require_wandb()
     existing = list_checkpoints(Path(cfg.out) / CHECKPOINT_DIR)
     if cfg.resume == "" and existing:
         raise ValueError(f"{cfg.out} already holds checkpoints (newest: {existing[-1].path.name}); continue that run "
@@ -157,6 +161,8 @@ def start_trainer(trainer: Trainer, run_config: dict[str, Any], resume: tuple[st
     trainer.run_config = json.loads(json.dumps(run_config))
     if env.is_main:
         atomic_write_json(out / CONFIG_NAME, trainer.run_config)
+        if trainer.log is not None:
+            trainer.log.log_config(trainer.run_config, trainer.step)
 
 
 def build_eval_loader(data: str, batch_size: int, img_size: int, backend: str, threads: int, seed: int,
@@ -191,7 +197,7 @@ def open_run_log(cfg: LoopConfig, env: DistEnv, resume: tuple[str, dict] | None,
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out / CHECKPOINT_DIR)
     return RunLog(out, enabled=env.is_main, display=cfg.display, tensorboard=cfg.tensorboard,
-                  resume_step=resume[1]["step"] if resume else None, title=title)
+                  resume_step=resume[1]["step"] if resume else None, title=title, wandb=cfg.wandb)
 
 
 def software_versions() -> dict[str, str | None]:

@@ -4,7 +4,9 @@ Each subcommand lives in `tools/bench/<name>.py` and provides:
     DESCRIPTION: str
     add_arguments(parser)            its own options (the common ones below are added here)
     run(args) -> BenchReport         turns args into its typed config first thing, measures, returns the report
-Modules are imported only when chosen, so e.g. `bench kernels` works on a machine without DALI.
+Modules are imported only when chosen, so e.g. `bench kernels` works on a machine without DALI. Bad arguments and
+inputs (a missing folder, a file that is not a shard folder, an impossible setting) are reported as one
+`bench NAME: error: ...` line with exit status 2, like the other commands.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ SUBCOMMANDS = {
     "shard": "sharding throughput vs plain tar copy and decode+encode cost",
     "trainer_overhead": "the trainer's real loop vs a bare loop over the same step (overhead must stay under 5%)",
     "compute": "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)",
+    "memory": "GPU memory per model and per-GPU batch (computed; measured too on a GPU)",
 }
 
 
@@ -51,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"./launch.sh bench {name}", description=module.DESCRIPTION)
     module.add_arguments(parser)
     add_common_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    report = module.run(args)
-    report.print()
-    report.write(json_path=args.json, markdown_path=args.markdown)
+    args = parser.parse_args(argv[1:])  # argument errors: usage + "error: ..." and exit status 2
+    try:
+        report = module.run(args)
+        report.print()
+        report.write(json_path=args.json, markdown_path=args.markdown)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:  # bad input: no traceback
+        print(f"bench {name}: error: {str(e).removeprefix(f'bench {name}: ')}", file=sys.stderr)
+        return 2
     for path in (args.json, args.markdown):
         if path:
             print(f"wrote {path}")
