@@ -71,6 +71,9 @@ def test_timm_export_loads_in_timm_with_the_projects_features(model, tmp_path, p
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in timm.data.resolve_data_config({}, model=vit).items()}
     assert data == {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
                     "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    # fine-tuning in timm: a new head, the encoder loaded
+    head = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=5)
+    assert head.head.out_features == 5 and torch.equal(head.blocks[1].mlp.fc2.weight, model.blocks[1].mlp.fc2.weight)
     # and the folder reads back as an encoder (num_heads from config.json, which shapes cannot tell)
     source = resolve_source(out)
     assert (source.kind, source.model_cfg.num_heads, source.model_cfg.embed_dim) == ("timm", 2, 32)

@@ -151,8 +151,9 @@ def test_pretraining_logs_grids_config_and_hparams_without_changing_the_run(shar
 
     from train.checkpoint import read_checkpoint
 
-    assert pretrain(shards, tmp_path / "with", "--recon-images", "3") == 0
-    assert pretrain(shards, tmp_path / "without", "--recon-images", "0") == 0
+    # the torch backend's DataLoader draws its seed from the global RNG: the pictures' loader must not shift it
+    assert pretrain(shards, tmp_path / "with", "--recon-images", "3", "--data-backend", "torch") == 0
+    assert pretrain(shards, tmp_path / "without", "--recon-images", "0", "--data-backend", "torch") == 0
     a = read_checkpoint(tmp_path / "with" / "checkpoints" / "step-000000006.pt")
     b = read_checkpoint(tmp_path / "without" / "checkpoints" / "step-000000006.pt")
     for k, v in a["model"].items():
@@ -267,3 +268,28 @@ def test_live_panel_shows_progress_and_fits_narrow_terminals(width):
 def test_plain_line_has_progress_and_elapsed():
     line = format_train_line(RECORD)
     assert line.startswith("step 1234/100000 (1.2%) ep 3.21 ") and "elapsed 1:02:03 eta 1d03h26m" in line
+
+
+def test_checkpoint_pictures_leave_the_random_state_alone(monkeypatch):
+    import random
+    from types import SimpleNamespace
+
+    from train.distributed import rng_state
+    from train.tracking import pictures
+
+    def sample_drawing_from_every_generator(*args, **kwargs):  # as a loader seeding itself from them would
+        torch.rand(5), np.random.rand(), random.random()
+        return images(2)
+
+    monkeypatch.setattr(pictures, "sample_images", sample_drawing_from_every_generator)
+    logged = []
+    log = SimpleNamespace(tracking=True, image=lambda *a: logged.append(a))
+    trainer = SimpleNamespace(log=log, device=torch.device("cpu"), model=tiny_model(), step=7)
+    before = rng_state(trainer.device)
+    pictures.CheckpointPictures("unused", 2, 16, 0.75, seed=0)(trainer, Path("ck.pt"))
+    after = rng_state(trainer.device)
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
+    assert torch.equal(before["numpy"]["key"], after["numpy"]["key"]) and before["numpy"]["pos"] == after["numpy"]["pos"]
+    (tag, grid, step, caption), = logged
+    assert (tag, step, caption) == ("pictures/reconstructions", 7, "step 7: mask ratio 0.75, 2 images")
+    assert grid.shape == (2 + 2 * 114, 2 + 4 * 114, 3)

@@ -321,9 +321,12 @@ def train_panel(rec: dict[str, Any], title: str = "", width: int = 120):
 
     header = Text.assemble(("step ", "bold"), format_progress(rec), ("  elapsed ", "bold"),
                            _fmt_eta(rec.get("elapsed_seconds")), ("  ETA ", "bold"), _fmt_eta(rec["eta_seconds"]))
-    parts: list[Any] = [header]
+    top = Table.grid(expand=True)  # a table row ends its line (a bare ProgressBar does not)
+    top.add_column()
+    top.add_row(header)
     if rec.get("end_step"):
-        parts.append(ProgressBar(total=rec["end_step"], completed=rec["step"]))
+        top.add_row(ProgressBar(total=rec["end_step"], completed=rec["step"]))
+    parts: list[Any] = [top]
     pairs = [
         ("epoch", f"{rec['epoch']:.2f}"), ("lr", f"{rec['lr']:.3e}"),
         ("loss", _fmt(rec["loss"], ".4f")), ("rec", _fmt(rec["rec_loss"], ".4f")),
