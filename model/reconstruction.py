@@ -63,7 +63,8 @@ def predictions_to_normalised(pred: Tensor, target_rows: Tensor, norm_pix_loss: 
 
 
 def to_uint8(normalised: Tensor, pixel_scale: Tensor, pixel_shift: Tensor) -> Tensor:
-    """Normalised (..., C) pixels -> uint8, inverting x * scale + shift (scale = 1 / (255 std), shift = -mean / std)."""
+    """Normalised (..., C) pixels -> uint8: the inverse of x * scale + shift (scale = 1 / (255 std),
+    shift = -mean / std)."""
     return ((normalised - pixel_shift) / pixel_scale).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -68,7 +68,8 @@ def test_timm_export_loads_in_timm_with_the_projects_features(model, tmp_path, p
         feature = tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)  # the k-NN features
         torch.testing.assert_close(vit(normalised(x)), feature, rtol=1e-5, atol=1e-5)
     # timm's data config reproduces the project's evaluation transform
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in timm.data.resolve_data_config({}, model=vit).items()}
+    data = timm.data.resolve_data_config({}, model=vit)
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     assert data == {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
                     "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
     # fine-tuning in timm: a new head, the encoder loaded
@@ -180,7 +181,8 @@ def test_export_cli_and_refusals(model, tmp_path, capsys):
     torch.save({"model": model.state_dict()}, pth)
     assert main(["--ckpt", str(pth), "--format", "timm", "--out", str(tmp_path / "t"), "--num-heads", "2"]) == 0
     assert 'timm.create_model("local-dir:' in capsys.readouterr().out
-    assert main(["--ckpt", str(pth), "--format", "timm", "--out", str(tmp_path / "t"), "--num-heads", "2"]) == 0  # again
+    # again: an earlier export is overwritten
+    assert main(["--ckpt", str(pth), "--format", "timm", "--out", str(tmp_path / "t"), "--num-heads", "2"]) == 0
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"train": {}}')

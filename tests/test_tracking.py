@@ -1,5 +1,6 @@
 """Pictures and trackers: reconstruction maths and grid, `./launch.sh visualize`, the grid / config / hyper-parameters
-in TensorBoard during pre-training (without changing the training), Weights & Biases in offline mode, the live panel."""
+in TensorBoard during pre-training (without changing the training), Weights & Biases in offline mode, the live
+panel."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_reconstruction_views_and_untouched_training_state():
     bn = model.cls_head[1].running_mean.clone()
     rng = torch.get_rng_state()
     rec = reconstruct(model, x, 0.75, noise)
-    assert model.training and torch.equal(model.cls_head[1].running_mean, bn) and torch.equal(torch.get_rng_state(), rng)
+    assert model.training and torch.equal(model.cls_head[1].running_mean, bn)
+    assert torch.equal(torch.get_rng_state(), rng)
     assert rec.mask.sum(dim=1).tolist() == [12.0] * 3
     masked = rec.mask.bool()
     orig, masked_view, recon, pasted = (patchify_nhwc(v, 4).reshape(3, 16, 16, 3) for v in rec.panels())
@@ -110,7 +112,8 @@ def test_visualize_writes_the_png(shards, tmp_path, capsys):
     full, encoder_only = tmp_path / "release.pth", tmp_path / "encoder.pth"
     state = tiny_model().state_dict()
     torch.save({"model": state}, full)
-    torch.save({"model": {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}}, encoder_only)
+    encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": encoder}, encoder_only)
     out = tmp_path / "pics" / "rec.png"
     assert main(["--ckpt", str(full), "--data", str(shards), "--out", str(out), "--num", "5", "--num-heads", "2",
                  "--seed", "3"]) == 0
@@ -289,7 +292,8 @@ def test_checkpoint_pictures_leave_the_random_state_alone(monkeypatch):
     pictures.CheckpointPictures("unused", 2, 16, 0.75, seed=0)(trainer, Path("ck.pt"))
     after = rng_state(trainer.device)
     assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
-    assert torch.equal(before["numpy"]["key"], after["numpy"]["key"]) and before["numpy"]["pos"] == after["numpy"]["pos"]
+    assert torch.equal(before["numpy"]["key"], after["numpy"]["key"])
+    assert before["numpy"]["pos"] == after["numpy"]["pos"]
     (tag, grid, step, caption), = logged
     assert (tag, step, caption) == ("pictures/reconstructions", 7, "step 7: mask ratio 0.75, 2 images")
     assert grid.shape == (2 + 2 * 114, 2 + 4 * 114, 3)

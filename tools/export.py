@@ -1,7 +1,7 @@
 """`./launch.sh export --ckpt RUN_OR_FILE --format timm|mae --out OUT [--pool token|avg]`: the pre-trained encoder
 for other code bases (train/eval/export.py does the work; README "Use the weights elsewhere").
 
-    ./launch.sh export --ckpt runs/supmae400 --format timm --out exports/supmae400      # timm.create_model("local-dir:...")
+    ./launch.sh export --ckpt runs/supmae400 --format timm --out exports/supmae400    # timm's local-dir: / hf-hub:
     ./launch.sh export --ckpt runs/supmae400 --format mae --out supmae400_encoder.pth   # MAE's fine-tuning code
 
 Exit status: 0 written, 2 bad arguments or input (a message, no traceback).

@@ -7,7 +7,8 @@ Every `TrainConfig` field can be set on the command line as `--field-name value`
 booleans also as `--field-name` / `--no-field-name`, and `--no-X` means `--X off` for on/off/auto switches). Any
 field of the model's `ModelConfig` (`--patch-size`, `--embed-dim`, `--decoder-depth`, `--fused-masking`, ...) is
 accepted the same way and lands in `model_args`. The option names of MAE's and timm's scripts are accepted too
-(OPTION_ALIASES: `--data-path`, `--output-dir`, `--input-size`, `--finetune`, `--model-ema`, timm's `--aa`). Unknown options and impossible values are rejected here, before
+(OPTION_ALIASES: `--data-path`, `--output-dir`, `--input-size`, `--finetune`, `--model-ema`, timm's `--aa`).
+Unknown options and impossible values are rejected here, before
 anything is built, with a message naming the option, the value and what is allowed.
 """
 
@@ -543,7 +544,9 @@ def options_help(cls: type, model_heading: str = "Model options (ModelConfig fie
 
 
 LAUNCHER_HELP = ["Launcher options: --nproc N (processes per node; default: one per visible GPU, 1 on CPU).",
-                 "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md)."]
+                 "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md).",
+                 "MAE's and timm's option names work too where they apply: --data_path, --output_dir / --output, "
+                 "--input_size, --finetune, --model-ema, --aa rand-m9-mstd0.5-inc1 (docs/training.md)."]
 
 
 def help_text(prog: str = "./launch.sh pretrain") -> str:

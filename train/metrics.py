@@ -333,7 +333,8 @@ def train_panel(rec: dict[str, Any], title: str = "", width: int = 120):
         ("cls", _fmt(rec["cls_loss"], ".4f")), ("gnorm", _fmt(rec["grad_norm"], ".3f")),
         ("img/s", f"{rec['images_per_sec']:,.0f}"), ("/device", f"{rec['images_per_sec_per_device']:,.0f}"),
         ("wait", f"{100 * rec['data_wait']:.1f}%"), ("mem", f"{rec['memory_gb']:.1f} GB"),
-        ("TFLOP/s", f"{rec['tflops_per_device']:.2f}/dev"), ("MFU", "-" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"),
+        ("TFLOP/s", f"{rec['tflops_per_device']:.2f}/dev"),
+        ("MFU", "-" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"),
         ("images", f"{rec['images']:,}"), ("PFLOP", f"{rec['flops'] / 1e15:,.3f}"),
     ]
     per_row = 4 if width >= _PANEL_WIDE else 2 if width >= _PANEL_NARROW else 1

@@ -116,7 +116,8 @@ class PretrainedSource:
     """A masked autoencoder's weights and where they came from.
 
     kind: "checkpoint" (this project's, also when found through a run folder), "pth" (original release, bare
-    state_dict or .safetensors file), "timm" (a timm hub-style folder), "model" (an in-memory model), "random". compute: {"images", "flops", "device_hours", "source":
+    state_dict or .safetensors file), "timm" (a timm hub-style folder), "model" (an in-memory model), "random".
+    compute: {"images", "flops", "device_hours", "source":
     "metrics.jsonl" | "checkpoint" | "none"} of the pre-training behind the weights (zeros for random; None when
     unknown, e.g. an original release).
     """
