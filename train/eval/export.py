@@ -146,9 +146,10 @@ def model_card(config: dict[str, Any]) -> str:
     flops = info.get("pretrain_flops")
     lines = [
         "---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", f"- {family.lower()}", "---",
-        "", f"# {config['architecture']} encoder, {family} pre-training (supmae-fast)", "",
-        f"Encoder only (no classifier, `num_classes` 0), {model.get('img_size')} px, patch {model.get('patch_size')}, "
-        f"width {model.get('embed_dim')}, {model.get('depth')} blocks. Pooled feature: {feature}.", "",
+        "", f"# {family} ViT encoder: {model.get('embed_dim')}-d x {model.get('depth')} blocks, patch "
+            f"{model.get('patch_size')}, {model.get('img_size')} px (supmae-fast)", "",
+        f"Encoder only (no classifier, `num_classes` 0), built as timm's `{config['architecture']}` with the "
+        f"`model_args` of config.json. Pooled feature: {feature}.", "",
         "```python", "import timm",
         'model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True)  # or "hf-hub:USER/REPO"',
         "features = model(images)  # (N, embed_dim), images normalised as in pretrained_cfg", "```", "",
