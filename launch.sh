@@ -37,9 +37,11 @@ Training and evaluation
   finetune     fine-tune a pre-trained encoder
   linprobe     linear probe on a frozen encoder
   knn          k-NN accuracy of a frozen encoder
+  export       the encoder for timm / the HF hub / MAE's code                        (./launch.sh export --help)
+  visualize    MAE's reconstruction picture of a checkpoint                          (./launch.sh visualize --help)
 
 Measurement
-  bench        throughput and compute-to-accuracy benchmarks (pipeline, model, kernels, e2e, shard, compute)
+  bench        benchmarks: pipeline, model, kernels, e2e, shard, memory, compute (compute-to-accuracy)
   demo         the end-to-end demo: built-in data -> shards -> SupMAE vs MAE -> k-NN -> report
 
 Environment (README, "Set-up")
@@ -253,6 +255,7 @@ main() {
         test)     ensure_setup; cd "$ROOT"; exec "$PY" -m pytest "$@" ;;
         shard)    run_module tools.shard "$@" ;;
         pretrain|finetune|linprobe|knn) run_module tools.launch "$cmd" "$@" ;;
+        export|visualize) run_module "tools.$cmd" "$@" ;;
         bench)    run_module tools.bench "$@" ;;
         demo)     run_module tools.demo "$@" ;;
         *) echo "launch.sh: unknown subcommand '$cmd'" >&2; echo >&2; usage >&2; exit 2 ;;

@@ -6,6 +6,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 FUSED_MASKING_MODES = ("auto", "on", "off")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pixel_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation the model family applies to pixels in [0, 1]: ImageNet's for RGB, 0.5 otherwise."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * in_chans, (0.5,) * in_chans
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from model.config import ModelConfig
+from model.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, pixel_mean_std
 from model.flops import FlopBreakdown, forward_flops
 from model.masking import random_masking
 from model.masking_ops import masking_ops
 from model.pos_embed import sincos_pos_embed_2d
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAEOutput", "MaskedAutoencoderViT", "PatchEmbed"]
 
 
 class MAEOutput(NamedTuple):
@@ -104,8 +103,7 @@ class MaskedAutoencoderViT(nn.Module):
             )
 
         # uint8 pixels -> normalised: x * scale + shift == (x / 255 - mean) / std. Not saved (not in the releases).
-        mean = torch.tensor(IMAGENET_MEAN[: cfg.in_chans] if cfg.in_chans == 3 else [0.5] * cfg.in_chans)
-        std = torch.tensor(IMAGENET_STD[: cfg.in_chans] if cfg.in_chans == 3 else [0.5] * cfg.in_chans)
+        mean, std = (torch.tensor(v) for v in pixel_mean_std(cfg.in_chans))
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
 

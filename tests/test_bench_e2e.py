@@ -62,9 +62,9 @@ def test_windows_merge_intervals_cut_by_an_epoch_end():
     assert out[1]["mfu"] is None and out[1]["tflops"] == pytest.approx(0.5)
 
 
-def test_bench_e2e_rejects_bad_settings(tmp_path):
+def test_bench_e2e_rejects_bad_settings(tmp_path, capsys):
     write_tiny_shards(tmp_path / "s", num_samples=8, num_classes=2, per_shard=8)
-    with pytest.raises(ValueError, match="--steps must be >= 1"):
-        bench_main(["e2e", "--data", str(tmp_path / "s"), "--recipes", "supmae_vit_tiny_demo", "--steps", "0"])
-    with pytest.raises(ValueError, match="unknown recipe"):
-        bench_main(["e2e", "--data", str(tmp_path / "s"), "--recipes", "supmae_tiny"])
+    assert bench_main(["e2e", "--data", str(tmp_path / "s"), "--recipes", "supmae_vit_tiny_demo", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert bench_main(["e2e", "--data", str(tmp_path / "s"), "--recipes", "supmae_tiny"]) == 2
+    assert "unknown recipe" in capsys.readouterr().err

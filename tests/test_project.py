@@ -32,8 +32,17 @@ def test_environment_yml_agrees_with_pyproject():
 def test_layout_of_the_design_card():
     for name in ("pipeline", "model", "train", "tools", "tests", "docs"):
         assert (ROOT / name).is_dir(), name
-    for name in ("launch.sh", "environment.yml", "pyproject.toml", "README.md", ".ci/run"):
+    for name in ("launch.sh", "environment.yml", "pyproject.toml", "README.md", ".ci/run", "LICENSE", "CITATION.cff"):
         assert (ROOT / name).is_file(), name
+
+
+def test_license_and_citation():
+    assert "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    cff = (ROOT / "CITATION.cff").read_text()
+    assert cff.startswith("cff-version: 1.2.0") and "license: Apache-2.0" in cff
+    for cited in ("arXiv:2205.14540", "family-names: Marculescu", "Masked Autoencoders Are Scalable Vision Learners",
+                  "family-names: Girshick"):
+        assert cited in cff, cited
 
 
 def _launch(*args, cwd="/") -> subprocess.CompletedProcess:
@@ -43,8 +52,8 @@ def _launch(*args, cwd="/") -> subprocess.CompletedProcess:
 def test_launch_help_lists_every_subcommand_from_any_directory():
     res = _launch("help")
     assert res.returncode == 0
-    for sub in ("setup", "bundle", "test", "help", "shard", "pretrain", "finetune", "linprobe", "knn", "bench",
-                "demo"):
+    for sub in ("setup", "bundle", "test", "help", "shard", "pretrain", "finetune", "linprobe", "knn", "export",
+                "visualize", "bench", "demo"):
         assert re.search(rf"^\s+{sub}\s", res.stdout, re.M), sub
 
 

@@ -6,7 +6,9 @@
 Every `TrainConfig` field can be set on the command line as `--field-name value` (`--field-name=value` works too;
 booleans also as `--field-name` / `--no-field-name`, and `--no-X` means `--X off` for on/off/auto switches). Any
 field of the model's `ModelConfig` (`--patch-size`, `--embed-dim`, `--decoder-depth`, `--fused-masking`, ...) is
-accepted the same way and lands in `model_args`. Unknown options and impossible values are rejected here, before
+accepted the same way and lands in `model_args`. The option names of MAE's and timm's scripts are accepted too
+(OPTION_ALIASES: `--data-path`, `--output-dir`, `--input-size`, `--finetune`, `--model-ema`, timm's `--aa`).
+Unknown options and impossible values are rejected here, before
 anything is built, with a message naming the option, the value and what is allowed.
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from model.config import ModelConfig, model_config
+from train.tracking.wandb_sink import DEFAULT_PROJECT as WANDB_DEFAULT_PROJECT
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SWITCHES = ("auto", "on", "off")
@@ -37,8 +41,17 @@ AUTO_MODEL_FIELDS = ("num_classes",)
 # often things are logged or saved, how fast the data is read). Any other difference is reported at resume.
 RUNTIME_FIELDS = frozenset({
     "out", "resume", "max_steps", "log_every", "ckpt_every", "keep", "keep_every", "display", "tensorboard",
-    "data", "data_threads", "compile", "eval_data", "eval_every", "eval_batch_size", "recipe",
+    "data", "data_threads", "compile", "eval_data", "eval_every", "eval_batch_size", "recipe", "wandb",
+    "recon_images",
 })
+# MAE's (main_pretrain.py, main_finetune.py) and timm's (train.py) option names -> this project's, for the classes
+# that have the target (docs/training.md has the table). --aa is parsed by parse_timm_randaugment.
+OPTION_ALIASES = {
+    "data_path": "data", "output_dir": "out", "output": "out", "input_size": "img_size", "finetune": "ckpt",
+    "model_ema": "ema", "model_ema_decay": "ema_decay", "accum_iter": "accum_steps", "nb_classes": "num_classes",
+}
+# String options that may be given without a value (`--wandb` alone = its default project).
+OPTIONAL_VALUES = {"wandb": WANDB_DEFAULT_PROJECT}
 
 
 def option_field(default: Any, help: str) -> Any:
@@ -131,6 +144,8 @@ class LoopConfig(RunConfig):
     log_every: int = _f(50, "steps per log interval (metrics line, display update)")
     display: str = _f("auto", "auto (live on a terminal, plain otherwise) | live | plain | off")
     tensorboard: bool = _f(True, "write TensorBoard events to OUT/tb")
+    wandb: str = _f("", "also log to Weights & Biases: --wandb [PROJECT] (alone: project supmae-fast); "
+                        "WANDB_MODE=offline keeps it under OUT/wandb")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,9 +196,11 @@ class TrainConfig(LoopConfig):
     mask_ratio: float = _f(0.75, "fraction of patches masked")
     init: str = _f("", "initial weights: an original MAE/SupMAE .pth or a checkpoint of this project")
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. 0.9,0.95")
+    recon_images: int = _f(8, "reconstruction grid of N images to TensorBoard / W&B at every checkpoint (0 = off)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self.recon_images >= 0, "recon_images", self.recon_images, "an integer >= 0 (0 = off)")
         if not self.out:
             raise ValueError("--out is required (got none)")
         _check(self.img_size >= 1, "img_size", self.img_size, "an integer >= 1")
@@ -398,6 +415,16 @@ def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
             raise ValueError(f"unexpected argument {token!r}: options are --field-name value")
         key, eq, inline = token[2:].partition("=")
         name = key.replace("-", "_")
+        target = OPTION_ALIASES.get(name)
+        if name not in hints and name not in _MODEL_HINTS and target and (
+                target in hints or (target in _MODEL_HINTS and _takes_model_args(cls))):
+            name = target
+        if name == "aa" and "randaug_m" in hints:
+            if not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+                raise ValueError("--aa needs a value (timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1)")
+            out.update(parse_timm_randaugment(inline if eq else argv[i + 1]))
+            i += 1 if eq else 2
+            continue
         negated = False
         if name.startswith("no_") and name not in hints and name not in _MODEL_HINTS:
             name, negated = name[3:], True
@@ -416,6 +443,8 @@ def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
             value = _parse_value(name, inline, hint)
         elif hint is bool and (i >= len(argv) or argv[i].startswith("--")):
             value = True
+        elif name in OPTIONAL_VALUES and (i >= len(argv) or argv[i].startswith("--")):
+            value = OPTIONAL_VALUES[name]
         else:
             if i >= len(argv) or (argv[i].startswith("--") and not _looks_negative_number(argv[i])):
                 raise ValueError(f"--{_opt(name)} needs a value ({_describe(hint)})")
@@ -424,6 +453,42 @@ def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
         (model_args if where == "model" else out)[name] = value
     if model_args:
         out["model_args"] = model_args
+    return out
+
+
+def parse_timm_randaugment(text: str) -> dict[str, Any]:
+    """timm's RandAugment string (`--aa rand-m9-mstd0.5-inc1`) -> {randaug_n, randaug_m, randaug_mstd, randaug_inc}.
+
+    Sections after "rand", in any order: m (magnitude, 0..10; default 10), n (operations per image; default 2),
+    mstd (std of the per-operation magnitude noise; default 0), inc (1 = the ops whose strength increases with
+    the magnitude; default 0): timm's defaults for what is not given. "none" turns RandAugment off."""
+    if text.strip().lower() in ("", "none", "off"):
+        return {"randaug_n": 0}
+    parts = text.strip().split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"--aa {text} is not supported: only timm's RandAugment strings ('rand-m9-mstd0.5-inc1') "
+                         "are; AutoAugment ('original', 'v0') and AugMix ('augmix-...') policies are not")
+    out: dict[str, Any] = {"randaug_n": 2, "randaug_m": 10, "randaug_mstd": 0.0, "randaug_inc": False}
+    for part in parts[1:]:
+        key, value = re.fullmatch(r"([a-z]*)(.*)", part).groups()
+        try:
+            if key == "m":
+                out["randaug_m"] = int(value)
+            elif key == "n":
+                out["randaug_n"] = int(value)
+            elif key == "mstd":
+                out["randaug_mstd"] = float(value)
+            elif key == "inc":
+                out["randaug_inc"] = bool(int(value))
+            else:
+                raise KeyError(key)
+        except ValueError:
+            raise ValueError(f"--aa {text}: section {part!r} needs a number after {key!r}") from None
+        except KeyError:
+            raise ValueError(f"--aa {text}: section {part!r} is not supported (supported: m, n, mstd, inc; "
+                             "timm's p, mmax and t change the policy in ways this pipeline does not offer)") from None
+    if out["randaug_mstd"] > 100:
+        raise ValueError(f"--aa {text}: mstd > 100 (uniform magnitude sampling) is not supported")
     return out
 
 
@@ -479,7 +544,9 @@ def options_help(cls: type, model_heading: str = "Model options (ModelConfig fie
 
 
 LAUNCHER_HELP = ["Launcher options: --nproc N (processes per node; default: one per visible GPU, 1 on CPU).",
-                 "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md)."]
+                 "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md).",
+                 "MAE's and timm's option names work too where they apply: --data_path, --output_dir / --output, "
+                 "--input_size, --finetune, --model-ema, --aa rand-m9-mstd0.5-inc1 (docs/training.md)."]
 
 
 def help_text(prog: str = "./launch.sh pretrain") -> str:

@@ -12,10 +12,13 @@ they never wait behind GPU work.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
+import shutil
 import signal
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,28 +63,60 @@ class RankInfo:
     master_port: int | None
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list -> host names: "gpu[01-03,07],cpu5" -> [gpu01, gpu02, gpu03, gpu07, cpu5].
+def expand_nodelist(nodelist: str, scontrol: bool = True) -> list[str]:
+    """SLURM's compressed host list -> host names, in SLURM's order.
 
-    Covers the forms SLURM writes (one bracket group per host name, zero-padded ranges); `scontrol show hostnames`
-    is the reference.
+    `scontrol show hostnames` (the reference) when it is on the PATH; otherwise, or when it fails, the built-in
+    parser: "gpu[01-03,07],cpu5" -> gpu01 gpu02 gpu03 gpu07 cpu5, and several bracket groups in one name expand
+    as their product, "rack[1-2]-gpu[01-02]" -> rack1-gpu01 rack1-gpu02 rack2-gpu01 rack2-gpu02.
     """
-    hosts: list[str] = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
-        prefix, ranges = m.group(1), m.group(2)
-        if not prefix and not ranges:
+    if not nodelist:
+        return []
+    if scontrol and shutil.which("scontrol"):
+        try:
+            # An argument vector, no shell: the list is passed as one argument whatever it contains.
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out
+        except (OSError, subprocess.SubprocessError):
+            pass  # a broken scontrol (no slurm.conf on this host, ...): parse it here
+    return [host for pattern in _split_top_level(nodelist) for host in _expand_host_pattern(pattern)]
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on the commas outside brackets: "a[1,3],b" -> ["a[1,3]", "b"]."""
+    parts, depth, current = [], 0, ""
+    for ch in nodelist:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_host_pattern(pattern: str) -> list[str]:
+    """One host pattern with any number of bracket groups -> the product of their ranges."""
+    pieces = re.split(r"\[([^\]]*)\]", pattern)  # text, ranges, text, ranges, ..., text
+    choices: list[list[str]] = []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            choices.append([piece])
             continue
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
+        values = []
+        for part in piece.split(","):
+            lo, _, hi = part.strip().partition("-")
             if not hi:
-                hosts.append(prefix + lo)
+                values.append(lo)
                 continue
-            width = len(lo)
-            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-    return hosts
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"SLURM node list {pattern!r}: cannot read the range {part!r}")
+            values.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1))
+        choices.append(values)
+    return ["".join(combo) for combo in itertools.product(*choices)]
 
 
 def slurm_master_port(env: Mapping[str, str]) -> int:
@@ -266,6 +301,18 @@ class StopRequest:
         if self._work is not None:
             self._work.wait()
             self._work = None
+
+    def agreed(self) -> bool:
+        """Whether any rank received a stop signal, now (a blocking all-reduce; between units of work such as the
+        checkpoints of `--all-checkpoints`, not per step)."""
+        if not self.env.distributed:
+            return self.received is not None
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+        return bool(flag.item())
 
     def poll(self) -> bool:
         """Called once per step on every rank: True when all ranks must stop now."""

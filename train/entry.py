@@ -38,6 +38,7 @@ from train.metrics import RunLog
 from train.system.builds import installed_dali
 from train.system.device import DeviceError, describe_environment, environment_record
 from train.system.nvidia import detect_nvidia
+from train.tracking.wandb_sink import require_wandb
 
 if TYPE_CHECKING:
     from train.trainer import Trainer
@@ -85,8 +86,10 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 def check_run_folder(cfg: LoopConfig) -> None:
     """--out is a writable folder; a new run must not land on an old one's checkpoints; an explicit --resume file
-    must exist."""
+    must exist; the trackers it asks for must be installed (--wandb)."""
     check_writable(cfg.out, "--out")
+    if cfg.wandb:
+        require_wandb()
     existing = list_checkpoints(Path(cfg.out) / CHECKPOINT_DIR)
     if cfg.resume == "" and existing:
         raise ValueError(f"{cfg.out} already holds checkpoints (newest: {existing[-1].path.name}); continue that run "
@@ -193,6 +196,8 @@ def start_trainer(trainer: Trainer, run_config: dict[str, Any], resume: tuple[st
     trainer.run_config = json.loads(json.dumps(run_config))
     if env.is_main:
         atomic_write_json(out / CONFIG_NAME, trainer.run_config)
+        if trainer.log is not None:
+            trainer.log.log_config(trainer.run_config, trainer.step)
 
 
 def run_environment(trainer: Trainer, env: DistEnv) -> dict[str, Any]:
@@ -234,7 +239,7 @@ def open_run_log(cfg: LoopConfig, env: DistEnv, resume: tuple[str, dict] | None,
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out / CHECKPOINT_DIR)
     return RunLog(out, enabled=env.is_main, display=cfg.display, tensorboard=cfg.tensorboard,
-                  resume_step=resume[1]["step"] if resume else None, title=title)
+                  resume_step=resume[1]["step"] if resume else None, title=title, wandb=cfg.wandb)
 
 
 def software_versions() -> dict[str, str | None]:

@@ -1,4 +1,5 @@
-"""What a run records and shows (rank 0 only): metrics.jsonl, TensorBoard events, log.txt, the live display.
+"""What a run records and shows (rank 0 only): metrics.jsonl, log.txt, the live display, and the trackers of
+train/tracking (TensorBoard events, Weights & Biases).
 
 metrics.jsonl has one JSON object per line: a "train" record per log interval and an "eval" record per head
 evaluation. The fields (TRAIN_FIELDS, EVAL_FIELDS) are documented in docs/run-folder.md; the compute-to-accuracy
@@ -28,13 +29,16 @@ TB_DIR = "tb"
 TRAIN_FIELDS = (
     "kind", "time", "step", "epoch", "images", "flops", "device_hours", "loss", "rec_loss", "cls_loss", "lr",
     "grad_norm", "images_per_sec", "images_per_sec_per_device", "data_wait", "tflops_per_device", "mfu",
-    "memory_gb", "eta_seconds", "nonfinite_steps", "loss_scale", "interval_steps", "interval_seconds",
+    "memory_gb", "eta_seconds", "nonfinite_steps", "loss_scale", "interval_steps", "interval_seconds", "end_step",
+    "elapsed_seconds",
 )
 EVAL_FIELDS = ("kind", "time", "step", "epoch", "images", "flops", "device_hours", "top1", "samples")
-# Fields of a record that depend on the clock or the machine, not on the computation: two runs that computed the
-# same thing (e.g. an uninterrupted and a resumed one) agree on every other field.
+# Fields of a record that depend on the clock, the machine or where this attempt was told to stop (--max-steps),
+# not on the computation: two runs that computed the same thing (e.g. an uninterrupted and a resumed one) agree on
+# every other field.
 TIMING_FIELDS = frozenset({"time", "device_hours", "images_per_sec", "images_per_sec_per_device", "data_wait",
-                           "tflops_per_device", "mfu", "memory_gb", "eta_seconds", "interval_seconds"})
+                           "tflops_per_device", "mfu", "memory_gb", "eta_seconds", "interval_seconds", "end_step",
+                           "elapsed_seconds"})
 
 
 def _clean(v: Any) -> Any:
@@ -70,6 +74,8 @@ class IntervalNumbers:
     remaining_steps: int
     nonfinite_steps: int
     loss_scale: float | None
+    end_step: int = 0  # the step this run stops at (the schedule's end, or --max-steps)
+    elapsed_seconds: float = 0.0  # wall seconds of training so far (all attempts of a resumed run)
 
 
 def train_record(n: IntervalNumbers) -> dict[str, Any]:
@@ -101,6 +107,8 @@ def train_record(n: IntervalNumbers) -> dict[str, Any]:
         "loss_scale": n.loss_scale,
         "interval_steps": n.interval_steps,
         "interval_seconds": n.interval_seconds,
+        "end_step": n.end_step,
+        "elapsed_seconds": n.elapsed_seconds,
     }
     return {k: _clean(v) for k, v in rec.items()}
 
@@ -164,16 +172,18 @@ def truncate_metrics(path: str | os.PathLike, after_step: int) -> int:
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard + log.txt + the console display of rank 0; on other ranks every call is a no-op.
+    """metrics.jsonl + log.txt + the console display + the trackers (TensorBoard, W&B) of rank 0; on other ranks
+    every call is a no-op.
 
     display: "live" (rich live panel), "plain" (one line per interval), "off", or "auto" (live on a terminal).
+    wandb: "" (off) or the W&B project (train/tracking/wandb_sink.py).
     """
 
     def __init__(self, out: str | os.PathLike, enabled: bool, display: str = "auto", tensorboard: bool = True,
-                 resume_step: int | None = None, title: str = ""):
+                 resume_step: int | None = None, title: str = "", wandb: str = ""):
         self.enabled = enabled
         self.out = Path(out)
-        self._tb = None
+        self._sinks: list[Any] = []
         self._live = None
         self._console = None
         self.title = title
@@ -185,11 +195,15 @@ class RunLog:
         self._metrics = open(self.out / METRICS_NAME, "a", buffering=1)
         self._log = open(self.out / LOG_NAME, "a", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from train.tracking.tensorboard_sink import TensorBoardSink
 
             # purge_step hides events a previous attempt wrote after the checkpoint this run resumes from.
-            self._tb = SummaryWriter(str(self.out / TB_DIR),
-                                     purge_step=resume_step + 1 if resume_step is not None else None)
+            self._sinks.append(TensorBoardSink(self.out / TB_DIR, resume_step))
+        if wandb:
+            from train.tracking.wandb_sink import WandbSink
+
+            self._sinks.append(WandbSink(self.out, wandb, resume=resume_step is not None,
+                                         job_type=title.split(" ", 1)[0] or None))
         if display == "auto":
             display = "live" if sys.stdout.isatty() else "plain"
         self.display = display
@@ -221,22 +235,36 @@ class RunLog:
         if not self.enabled:
             return
         self._metrics.write(json.dumps(rec) + "\n")
-        if self._tb is not None:
-            prefix = rec["kind"]
-            for k, v in rec.items():
-                if k not in ("kind", "time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{prefix}/{k}", v, rec["step"])
+        for sink in self._sinks:
+            sink.record(rec)
         if rec["kind"] == "train":
             self._show_train(rec)
         else:
             self.message(f"eval  step {rec['step']}  epoch {rec['epoch']:.2f}  head top-1 {100 * rec['top1']:.2f}% "
                          f"on {rec['samples']} images")
 
+    @property
+    def tracking(self) -> bool:
+        """Whether a tracker (TensorBoard, W&B) takes pictures and the configuration."""
+        return self.enabled and bool(self._sinks)
+
+    def image(self, tag: str, picture: Any, step: int, caption: str = "") -> None:
+        """An (H, W, C) uint8 picture for the trackers (e.g. a reconstruction grid at a checkpoint)."""
+        if self.enabled:
+            for sink in self._sinks:
+                sink.image(tag, picture, step, caption)
+
+    def log_config(self, run_config: dict[str, Any], step: int = 0) -> None:
+        """The resolved configuration (config.json's content) for the trackers: text and hyper-parameters."""
+        if self.enabled:
+            for sink in self._sinks:
+                sink.config(run_config, step)
+
     def flush(self) -> None:
         if self.enabled:
             self._metrics.flush()
-            if self._tb is not None:
-                self._tb.flush()
+            for sink in self._sinks:
+                sink.flush()
 
     def close(self) -> None:
         if not self.enabled:
@@ -244,8 +272,9 @@ class RunLog:
         if self._live is not None:
             self._live.stop()
             self._live = None
-        if self._tb is not None:
-            self._tb.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
         self._metrics.close()
         self._log.close()
         self.enabled = False
@@ -255,7 +284,7 @@ class RunLog:
         line = format_train_line(rec)
         self._log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
         if self._live is not None:
-            self._live.update(train_panel(rec, self.title), refresh=True)
+            self._live.update(train_panel(rec, self.title, self._console.width), refresh=True)
         elif self.display == "plain":
             print(line, flush=True)
 
@@ -274,40 +303,71 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def format_progress(rec: dict[str, Any], sep: str = ",") -> str:
+    """"step/end (pct%)" of a train record ("step" alone when the end is unknown)."""
+    step, end = rec["step"], rec.get("end_step")
+    if not end:
+        return f"{step:{sep}d}" if sep else str(step)
+    return (f"{step:{sep}d}/{end:{sep}d}" if sep else f"{step}/{end}") + f" ({100 * step / end:.1f}%)"
+
+
 def format_train_line(rec: dict[str, Any]) -> str:
     """One plain-text line of a train record (log.txt, non-terminal output)."""
     mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else ""
     cls = f" cls {rec['cls_loss']:.4f}" if rec.get("cls_loss") is not None else ""
-    return (f"step {rec['step']} ep {rec['epoch']:.2f} loss {_fmt(rec['loss'], '.4f')} rec "
+    return (f"step {format_progress(rec, '')} ep {rec['epoch']:.2f} loss {_fmt(rec['loss'], '.4f')} rec "
             f"{_fmt(rec['rec_loss'], '.4f')}{cls} lr {rec['lr']:.3e} | {rec['images_per_sec']:.1f} img/s "
             f"({rec['images_per_sec_per_device']:.1f}/dev) wait {100 * rec['data_wait']:.0f}% "
             f"{rec['tflops_per_device']:.2f} TFLOP/s/dev{mfu} mem {rec['memory_gb']:.1f}GB "
-            f"eta {_fmt_eta(rec['eta_seconds'])}"
+            f"elapsed {_fmt_eta(rec.get('elapsed_seconds'))} eta {_fmt_eta(rec['eta_seconds'])}"
             + (f" nonfinite {rec['nonfinite_steps']}" if rec.get("nonfinite_steps") else ""))
 
 
-def train_panel(rec: dict[str, Any], title: str = ""):
-    """The rich renderable of the live display: one table of the latest interval."""
-    from rich.panel import Panel
-    from rich.table import Table
+# Width of the console from which the panel shows 4 (label, value) pairs per row, and 2.
+_PANEL_WIDE, _PANEL_NARROW = 96, 48
 
+
+def train_panel(rec: dict[str, Any], title: str = "", width: int = 120):
+    """The rich renderable of the live display for a console `width` columns wide: a progress line
+    (step n/N (%), elapsed, ETA) and bar, then the latest interval's numbers, 4 pairs per row on wide consoles,
+    2 below 96 columns (an 80-column terminal), 1 below 48."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    header = Text.assemble(("step ", "bold"), format_progress(rec), ("  elapsed ", "bold"),
+                           _fmt_eta(rec.get("elapsed_seconds")), ("  ETA ", "bold"), _fmt_eta(rec["eta_seconds"]))
+    top = Table.grid(expand=True)  # a table row ends its line (a bare ProgressBar does not)
+    top.add_column()
+    top.add_row(header)
+    if rec.get("end_step"):
+        top.add_row(ProgressBar(total=rec["end_step"], completed=rec["step"]))
+    parts: list[Any] = [top]
+    pairs = [
+        ("epoch", f"{rec['epoch']:.2f}"), ("lr", f"{rec['lr']:.3e}"),
+        ("loss", _fmt(rec["loss"], ".4f")), ("rec", _fmt(rec["rec_loss"], ".4f")),
+        ("cls", _fmt(rec["cls_loss"], ".4f")), ("gnorm", _fmt(rec["grad_norm"], ".3f")),
+        ("img/s", f"{rec['images_per_sec']:,.0f}"), ("/device", f"{rec['images_per_sec_per_device']:,.0f}"),
+        ("wait", f"{100 * rec['data_wait']:.1f}%"), ("mem", f"{rec['memory_gb']:.1f} GB"),
+        ("TFLOP/s", f"{rec['tflops_per_device']:.2f}/dev"),
+        ("MFU", "-" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"),
+        ("images", f"{rec['images']:,}"), ("PFLOP", f"{rec['flops'] / 1e15:,.3f}"),
+    ]
+    per_row = 4 if width >= _PANEL_WIDE else 2 if width >= _PANEL_NARROW else 1
     t = Table.grid(padding=(0, 1))
-    for _ in range(4):
-        t.add_column(justify="right", style="bold")
-        t.add_column(justify="left", min_width=10)
-    t.add_row("epoch", f"{rec['epoch']:.2f}", "step", str(rec["step"]), "lr", f"{rec['lr']:.3e}", "ETA",
-              _fmt_eta(rec["eta_seconds"]))
-    t.add_row("loss", _fmt(rec["loss"], ".4f"), "rec", _fmt(rec["rec_loss"], ".4f"), "cls",
-              _fmt(rec["cls_loss"], ".4f"), "gnorm", _fmt(rec["grad_norm"], ".3f"))
-    t.add_row("img/s", f"{rec['images_per_sec']:,.0f}", "/device", f"{rec['images_per_sec_per_device']:,.0f}",
-              "wait", f"{100 * rec['data_wait']:.1f}%", "mem", f"{rec['memory_gb']:.1f} GB")
-    t.add_row("TFLOP/s", f"{rec['tflops_per_device']:.2f}/dev", "MFU",
-              "-" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%", "images", f"{rec['images']:,}",
-              "PFLOP", f"{rec['flops'] / 1e15:,.3f}")
+    for _ in range(per_row):
+        t.add_column(justify="right", style="bold", no_wrap=True)
+        t.add_column(justify="left", min_width=10, no_wrap=True)
+    for i in range(0, len(pairs), per_row):
+        row = [x for pair in pairs[i : i + per_row] for x in pair]
+        t.add_row(*row, *[""] * (2 * per_row - len(row)))
+    parts.append(t)
     extra = []
     if rec.get("nonfinite_steps"):
         extra.append(f"non-finite steps skipped: {rec['nonfinite_steps']}")
     if rec.get("loss_scale") is not None:
         extra.append(f"loss scale {rec['loss_scale']:g}")
     subtitle = "  ".join(extra) or None
-    return Panel(t, title=title or None, subtitle=subtitle)
+    return Panel(Group(*parts), title=title or None, subtitle=subtitle)

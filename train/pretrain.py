@@ -35,6 +35,7 @@ from train.entry import (
 )
 from train.metrics import RunLog
 from train.task import MaskedAutoencoderTask
+from train.tracking.pictures import CheckpointPictures
 from train.trainer import NonFiniteError, Trainer, resolve_compile, resolve_precision
 
 CONFIG_NAME = "config.json"
@@ -170,6 +171,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
         }
         task = MaskedAutoencoderTask(model, cfg.mask_ratio, cfg.weight_decay, cfg.betas)
         trainer = Trainer(cfg, task, loader, env, eval_loader, log, run_config)
+        if cfg.recon_images and log.tracking:
+            trainer.checkpoint_hooks.append(CheckpointPictures(cfg.eval_data or cfg.data, cfg.recon_images,
+                                                               cfg.img_size, cfg.mask_ratio, cfg.seed,
+                                                               cfg.data_backend))
         start_trainer(trainer, run_config, resume, notes, out, env,
                       parameters=sum(p.numel() for p in model.parameters()))
         _summary(log, cfg, trainer, manifest.num_samples, manifest.num_classes, notes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,9 @@ class Trainer:
         self._step_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self._clock = lambda: self.compute.seconds
         self._restart_rate_window()
+        # Called on rank 0 after every checkpoint write, with the trainer and the file (e.g. reconstruction
+        # pictures); their time is excluded from the images/s window like the write's.
+        self.checkpoint_hooks: list[Callable[[Trainer, Path], None]] = []
 
     # ------------------------------------------------------------------------------------------------------------
     # One step
@@ -404,6 +407,8 @@ class Trainer:
             remaining_steps=max(0, self._end_step() - self.step),
             nonfinite_steps=self.compute.nonfinite_steps,
             loss_scale=self.scaler.get_scale() if self.scaler is not None else None,
+            end_step=self._end_step(),
+            elapsed_seconds=self.compute.seconds,
         ))
         if self.log is not None:
             self.log.record(rec)
@@ -552,6 +557,8 @@ class Trainer:
                 with atomic_path(folder / BEST_NAME) as tmp:
                     shutil.copyfile(path, tmp)
                 self._say(f"best so far: {folder / BEST_NAME} (step {self.step})")
+            for hook in self.checkpoint_hooks:
+                hook(self, path)
         self.last_checkpoint = path
         self._saved_step = self.step
         self._rate_excluded += time.monotonic() - t0

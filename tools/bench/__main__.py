@@ -7,7 +7,9 @@ Each subcommand lives in `tools/bench/<name>.py` and provides:
     device_of(args) -> str | None    optional: the device it measures on ("auto", "cpu", "cuda[:N]"), None = none;
                                      default: its --device option, "auto" when it has none or leaves it unset
 Modules are imported only when chosen, so e.g. `bench kernels` works on a machine without DALI. A machine whose
-GPUs torch cannot use stops a benchmark on "auto" before it measures anything (train.system.device).
+GPUs torch cannot use stops a benchmark on "auto" before it measures anything (train.system.device). Bad arguments
+and inputs (a missing folder, a file that is not a shard folder, an impossible setting) are reported as one
+`bench NAME: error: ...` line with exit status 2, like the other commands.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SUBCOMMANDS = {
     "shard": "sharding throughput vs plain tar copy and decode+encode cost",
     "trainer_overhead": "the trainer's real loop vs a bare loop over the same step (overhead must stay under 5%)",
     "compute": "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)",
+    "memory": "GPU memory per model and per-GPU batch (computed; measured too on a GPU)",
 }
 
 
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"./launch.sh bench {name}", description=module.DESCRIPTION)
     module.add_arguments(parser)
     add_common_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_args(argv[1:])  # argument errors: usage + "error: ..." and exit status 2
     device = module.device_of(args) if hasattr(module, "device_of") else (getattr(args, "device", None) or "auto")
     if device is not None:
         from train.system.device import DeviceError, check_device
@@ -64,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         except DeviceError as e:
             print(f"bench {name}: error: {e}", file=sys.stderr)
             return 2
-    report = module.run(args)
-    report.print()
-    report.write(json_path=args.json, markdown_path=args.markdown)
+    try:
+        report = module.run(args)
+        report.print()
+        report.write(json_path=args.json, markdown_path=args.markdown)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:  # bad input: no traceback
+        print(f"bench {name}: error: {str(e).removeprefix(f'bench {name}: ')}", file=sys.stderr)
+        return 2
     for path in (args.json, args.markdown):
         if path:
             print(f"wrote {path}")

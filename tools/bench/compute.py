@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> ComputeReport:
                     "train_args": list(cfg.train_args), "seed": cfg.seed}
     if not analysis.summaries:
         raise ValueError("bench compute: no evaluated checkpoints found: evaluate the runs' checkpoints first "
-                         "(./launch.sh knn --ckpt RUN/checkpoints/step-....pt --data ... --eval-data ...)")
+                         "(./launch.sh knn --ckpt RUN --all-checkpoints --data ... --eval-data ...)")
     plots = write_plots(methods, analysis, out, plot_title(methods))
     report = build_report(methods, analysis, settings, plots, notes)
     written = write_outputs(report, out)

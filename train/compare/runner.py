@@ -282,8 +282,8 @@ def plan_fingerprint(cfg: ComparisonConfig, runs: list[PlannedRun]) -> dict[str,
 
 
 # Fields that change how fast a run goes or what it prints, not what it computes.
-_SPEED_FIELDS = ("data", "out", "display", "tensorboard", "data_threads", "keep", "log_every", "device",
-                 "compile")
+_SPEED_FIELDS = ("data", "out", "display", "tensorboard", "wandb", "recon_images", "data_threads", "keep", "log_every",
+                 "device", "compile")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
     source = resolve_source("runs/supmae")             # run folder -> newest readable checkpoint
     source = resolve_source("runs/supmae/checkpoints/step-000012000.pt")
     source = resolve_source("mae_pretrain_vit_base.pth")  # an original MAE / SupMAE release (or a bare state_dict)
+    source = resolve_source("mae_finetuned_vit_base.pth")  # a fine-tuned release (fc_norm + head, no norm)
+    source = resolve_source("exports/supmae400")           # a timm hub-style folder, or a .safetensors file
     source = resolve_source("random", "supmae_vit_tiny_patch16", {"img_size": 32, "patch_size": 4})
     vit = build_vit(source, num_classes=1000, global_pool="avg", drop_path=0.1)   # ViTEncoder, weights loaded
 
@@ -32,7 +34,15 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from model.checkpoint import export_timm_encoder, infer_config, load_checkpoint, timm_vit_kwargs
+from model.checkpoint import (
+    export_timm_encoder,
+    final_norm_layout,
+    infer_config,
+    is_timm_folder,
+    load_checkpoint,
+    read_timm_folder,
+    timm_vit_kwargs,
+)
 from model.config import ModelConfig, model_config
 from model.flops import forward_flops
 from model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT
@@ -50,12 +60,15 @@ class EncoderOptions:
     """Command-line fields naming the encoder (a mixin of the evaluation protocols' configurations)."""
 
     ckpt: str = _f("", "weights: a run folder (newest checkpoint), a checkpoint file of this project, an original "
-                       "MAE/SupMAE .pth, or 'random' (with --model); required")
+                       "MAE/SupMAE .pth (pre-trained or fine-tuned), a timm folder or .safetensors file, or "
+                       "'random' (with --model); required")
     model: str = _f("", "model preset for --ckpt random (model.list_models()); checkpoints carry their model")
     model_args: dict[str, Any] = _f({}, "ModelConfig overrides (e.g. --patch-size 4 for --ckpt random, "
                                         "--num-heads 16 for a ViT-H .pth); set each with --field-name")
     img_size: int = _f(0, "input resolution (0 = the encoder's pre-training resolution; another value resamples "
                           "the position embedding)")
+    all_checkpoints: bool = _f(False, "evaluate every checkpoint of the run folder --ckpt that has no result of "
+                                      "this protocol yet, oldest first (results beside each checkpoint)")
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]  # the protocol's configuration validates its fields first
@@ -68,6 +81,9 @@ class EncoderOptions:
                              "(model options such as --num-heads still override what is inferred from a .pth)")
         if self.img_size < 0:
             raise ValueError(f"--img-size {self.img_size} is invalid: must be an integer >= 0 (0 = the encoder's)")
+        if self.all_checkpoints and (self.ckpt == RANDOM or self.out):  # type: ignore[attr-defined]
+            raise ValueError("--all-checkpoints takes --ckpt RUN (a run folder) and no --out: each result goes "
+                             "beside its checkpoint (fine-tune / probe runs into their default folders)")
         if self.ckpt == RANDOM:
             self.random_model_config()  # validates the preset and the model options
 
@@ -80,6 +96,8 @@ class EncoderOptions:
     def check_ckpt_exists(self) -> None:
         if self.ckpt != RANDOM and not Path(self.ckpt).exists():
             raise FileNotFoundError(f"--ckpt {self.ckpt}: no such file or folder")
+        if self.all_checkpoints and not Path(self.ckpt).is_dir():
+            raise ValueError(f"--all-checkpoints: --ckpt {self.ckpt} is not a folder (give the run folder)")
 
     def source(self, seed: int, warn=None) -> PretrainedSource:
         """The weights these options name (random ones drawn from `seed`)."""
@@ -96,8 +114,9 @@ class EncoderOptions:
 class PretrainedSource:
     """A masked autoencoder's weights and where they came from.
 
-    kind: "checkpoint" (this project's, also when found through a run folder), "pth" (original release or bare
-    state_dict), "model" (an in-memory model), "random". compute: {"images", "flops", "device_hours", "source":
+    kind: "checkpoint" (this project's, also when found through a run folder), "pth" (original release, bare
+    state_dict or .safetensors file), "timm" (a timm hub-style folder), "model" (an in-memory model), "random".
+    compute: {"images", "flops", "device_hours", "source":
     "metrics.jsonl" | "checkpoint" | "none"} of the pre-training behind the weights (zeros for random; None when
     unknown, e.g. an original release).
     """
@@ -151,6 +170,9 @@ def resolve_source(ckpt: str | os.PathLike, model: str = "", model_args: dict[st
         return PretrainedSource(RANDOM, state, cfg, step=0, epoch=0,
                                 compute={"images": 0, "flops": 0, "device_hours": 0.0, "source": "none"})
     path = Path(ckpt)
+    if path.is_dir() and is_timm_folder(path):
+        weights, timm_args = read_timm_folder(path)
+        return _pth_source(path, weights, {**timm_args, **model_args}, kind="timm")
     if path.is_dir():
         folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
         found = latest_checkpoint(folder, warn=warn)
@@ -159,6 +181,8 @@ def resolve_source(ckpt: str | os.PathLike, model: str = "", model_args: dict[st
         return _project_source(found[0], found[1], model_args)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt {path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        return _pth_source(path, load_checkpoint(path), model_args)
     try:
         state = read_checkpoint(path)
     except ValueError as project_error:
@@ -184,14 +208,16 @@ def _project_source(path: Path, state: dict[str, Any], model_args: dict[str, Any
                             pretraining_compute(run_dir, step, state.get("compute")), run_dir)
 
 
-def _pth_source(path: Path, weights: dict[str, Tensor], model_args: dict[str, Any]) -> PretrainedSource:
+def _pth_source(path: Path, weights: dict[str, Tensor], model_args: dict[str, Any],
+                kind: str = "pth") -> PretrainedSource:
     missing = [k for k in _ENCODER_KEYS if k not in weights]
     if missing:
         raise ValueError(f"--ckpt {path}: no ViT encoder weights ({missing} missing); is it an MAE/SupMAE file?")
     if "decoder_embed.weight" in weights:
         cfg = infer_config(weights, **model_args)
     else:
-        # Encoder-only releases (MAE's fine-tuning checkpoints): the decoder keeps its preset defaults, unused here.
+        # Encoder-only weights (MAE's pre-trained and fine-tuned releases, timm files): the decoder keeps its
+        # preset defaults, unused here.
         w = weights["patch_embed.proj.weight"]
         d, grid = w.shape[0], round((weights["pos_embed"].shape[1] - 1) ** 0.5)
         kw = dict(img_size=grid * w.shape[2], patch_size=w.shape[2], in_chans=w.shape[1], embed_dim=d,
@@ -199,7 +225,7 @@ def _pth_source(path: Path, weights: dict[str, Tensor], model_args: dict[str, An
                   num_heads=max(1, d // 64), mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / d,
                   cls_branch=False)
         cfg = ModelConfig(**{**kw, **model_args})
-    return PretrainedSource("pth", weights, cfg, path, None, None, None)
+    return PretrainedSource(kind, weights, cfg, path, None, None, None)
 
 
 def pretraining_compute(run_dir: Path | None, step: int, stored: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -270,12 +296,15 @@ def build_vit(source: PretrainedSource, num_classes: int = 0, global_pool: str =
     global_pool: "avg" (mean of the patch tokens) or "token" (cls token). fc_norm (avg only): True = the final norm
     after pooling (MAE fine-tuning; initialised from the pre-trained per-token norm), False = per-token norm then
     pooling (the feature the pre-trained network computes: frozen-feature protocols); None = timm's default (True).
+    Fine-tuned weights (their final norm is fc_norm, after pooling) always keep it: that is the network they are.
     img_size: 0 keeps the pre-training resolution; another size resamples the position embedding (bicubic).
     The new head is left for the caller to initialise.
     """
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
     cfg = source.model_cfg
+    if global_pool == "avg" and final_norm_layout(source.state) == "fc_norm":
+        fc_norm = True
     kwargs = timm_vit_kwargs(cfg, num_classes=num_classes, global_pool=global_pool)
     kwargs.update(drop_path_rate=drop_path, fc_norm=fc_norm if global_pool == "avg" else None, weight_init="skip")
     if img_size and img_size != cfg.img_size:

@@ -67,6 +67,8 @@ class FinetuneConfig(SupervisedConfig):
     mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
     randaug_n: int = _f(2, "RandAugment operations per image (0 = off)")
     randaug_m: int = _f(9, "RandAugment magnitude on timm's 0..10 scale")
+    randaug_mstd: float = _f(0.0, "std of RandAugment's per-operation magnitude noise (timm's mstd; MAE: 0.5)")
+    randaug_inc: bool = _f(False, "RandAugment's increasing-severity operations (timm's inc1; MAE: on)")
     reprob: float = _f(0.25, "random erasing probability per image (0 = off)")
     ema: bool = _f(False, "keep an exponential moving average of the weights and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per step")
@@ -84,6 +86,7 @@ class FinetuneConfig(SupervisedConfig):
             ("mixup_switch_prob", 0 <= self.mixup_switch_prob <= 1, "a number in [0, 1]"),
             ("randaug_n", self.randaug_n >= 0, "an integer >= 0"),
             ("randaug_m", 0 <= self.randaug_m <= 10, "an integer in [0, 10]"),
+            ("randaug_mstd", 0 <= self.randaug_mstd <= 100, "a number in [0, 100]"),
             ("reprob", 0 <= self.reprob <= 1, "a number in [0, 1]"),
             ("ema_decay", 0 < self.ema_decay < 1, "a number in (0, 1)"),
             ("betas", all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),

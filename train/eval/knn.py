@@ -4,6 +4,7 @@
     result.top1, result.top5, result.samples
 
     ./launch.sh knn --ckpt RUN_DIR_OR_FILE --data TRAIN_SHARDS --eval-data EVAL_SHARDS [--k 20] [--out DIR]
+    ./launch.sh knn --ckpt RUN_DIR --all-checkpoints --data ... --eval-data ...   # every checkpoint without a result
 
 Features: the encoder's pooled feature (mean of the normed patch tokens, or the cls token), L2-normalised, for a
 subset of the training split (the bank; `train_samples`, 0 = all) and for every eval sample. Each eval sample's k
@@ -61,7 +62,7 @@ from train.eval.encoder import (
     encoder_forward_flops,
     resolve_source,
 )
-from train.eval.results import make_result, write_result
+from train.eval.results import checkpoints_to_evaluate, make_result, pending_checkpoints, write_result
 from train.system.device import describe_environment, environment_record
 from train.system.nvidia import detect_nvidia
 from train.trainer import DTYPES, resolve_compile, resolve_precision
@@ -299,6 +300,8 @@ def check(argv: list[str]) -> KnnConfig:
         raise SystemExit(0)
     cfg = KnnConfig(**parse_overrides(argv, KnnConfig))
     cfg.check_ckpt_exists()
+    if cfg.all_checkpoints:
+        pending_checkpoints(cfg.ckpt, "knn")  # the folder holds checkpoints
     if cfg.out:
         check_writable(cfg.out, "--out")
     else:  # the result goes beside the checkpoint only
@@ -311,9 +314,18 @@ def check(argv: list[str]) -> KnnConfig:
 
 
 def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
+    def say(message: str) -> None:
+        print(f"knn: {message}", file=sys.stderr)
+
     try:
         seed_all(cfg.seed)
-        source = cfg.source(cfg.seed, warn=lambda m: print(f"knn: {m}", file=sys.stderr))
+        # --all-checkpoints: every checkpoint of the run without a result, through the same two loaders.
+        targets: list[Path | None] = checkpoints_to_evaluate(cfg.ckpt, "knn", env) if cfg.all_checkpoints else [None]
+        if not targets:
+            if env.is_main:
+                print(f"knn: every checkpoint of {cfg.ckpt} has a k-NN result already; nothing to do")
+            return 0
+        source = _source(cfg, targets[0], say)
         img_size = cfg.img_size or source.model_cfg.img_size
         # Built before any data is read: weights that do not fit the encoder (a partial state dict) are bad input.
         encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
@@ -325,16 +337,38 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
     environment = environment_record(env.device, compile=settings.compile,
                                      nvidia=detect_nvidia() if env.is_main else None)
     if env.is_main:
-        print(f"knn: {describe_environment(environment)}", file=sys.stderr)
-    result = knn_eval(encoder.vit, loaders[0], loaders[1], settings, env, cfg.img_size)
-    if env.is_main:
-        record = knn_record(source, result, {**cfg.to_dict(), "img_size": img_size}, env, environment)
-        for path in write_result(record, cfg.out or None, say=lambda m: print(f"knn: {m}", file=sys.stderr)):
-            print(f"knn: result {path}")
-        print(f"knn: {source.name} (step {source.step}): top-1 {100 * result.top1:.2f}%  top-5 "
-              f"{100 * result.top5:.2f}%  on {result.samples} images, bank {result.bank} x {result.feature_dim}, "
-              f"k {cfg.k}, T {cfg.temperature}, {result.seconds:.1f} s")
+        say(describe_environment(environment))
+    skipped = []
+    for i, target in enumerate(targets):
+        if i:
+            if stop is not None and stop.agreed():
+                say(f"stop signal: {len(targets) - i} checkpoint(s) left for the next run")
+                break
+            try:  # one damaged checkpoint does not stop the others
+                source = _source(cfg, target, say)
+                encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
+            except (ValueError, FileNotFoundError) as e:
+                skipped.append(f"{target}: {e}")
+                say(f"skipping {target}: {e}")
+                continue
+        result = knn_eval(encoder.vit, loaders[0], loaders[1], settings, env, cfg.img_size)
+        if env.is_main:
+            record = knn_record(source, result, {**cfg.to_dict(), "img_size": img_size}, env, environment)
+            for path in write_result(record, cfg.out or None, say=say):
+                print(f"knn: result {path}")
+            print(f"knn: {source.name} (step {source.step}): top-1 {100 * result.top1:.2f}%  top-5 "
+                  f"{100 * result.top5:.2f}%  on {result.samples} images, bank {result.bank} x {result.feature_dim}, "
+                  f"k {cfg.k}, T {cfg.temperature}, {result.seconds:.1f} s")
+    if skipped and env.is_main:
+        print(f"knn: {len(skipped)} checkpoint(s) skipped:\n  " + "\n  ".join(skipped), file=sys.stderr)
     return 0
+
+
+def _source(cfg: KnnConfig, target: Path | None, warn) -> PretrainedSource:
+    """The weights of one evaluation: --ckpt itself, or one checkpoint of --all-checkpoints."""
+    if target is None:
+        return cfg.source(cfg.seed, warn=warn)
+    return resolve_source(target, model_args=cfg.model_args, warn=warn)
 
 
 def knn_record(source: PretrainedSource, result: KnnResult, settings: dict[str, Any],

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fileio import atomic_write_json
+from train.checkpoint import CHECKPOINT_DIR, list_checkpoints
+from train.distributed import DistEnv, broadcast_object
 from train.eval.encoder import PretrainedSource
 
 RESULT_FORMAT = "supmae-fast-eval"
@@ -98,6 +100,22 @@ def write_result(result: dict[str, Any], out: str | Path | None = None,
     if not written:
         raise ValueError("the result has no checkpoint to sit beside and no --out folder: pass --out")
     return written
+
+
+def pending_checkpoints(run: str | Path, protocol: str) -> list[Path]:
+    """The checkpoints of the run folder `run` (or of a checkpoints folder) without a `protocol` result beside
+    them, oldest first (`--all-checkpoints`). ValueError when the folder holds no checkpoint at all."""
+    run = Path(run)
+    folder = run / CHECKPOINT_DIR if (run / CHECKPOINT_DIR).is_dir() else run
+    found = list_checkpoints(folder)
+    if not found:
+        raise ValueError(f"--all-checkpoints: no checkpoint (step-*.pt) in {folder}")
+    return [ck.path for ck in found if not result_path(ck.path, protocol).is_file()]
+
+
+def checkpoints_to_evaluate(run: str | Path, protocol: str, env: DistEnv) -> list[Path]:
+    """`pending_checkpoints` as rank 0 sees it, on every rank (all ranks evaluate the same files in order)."""
+    return broadcast_object(pending_checkpoints(run, protocol) if env.is_main else None, env)
 
 
 def read_result(path: str | Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ trains with exact resume, and writes the eval result.
 
     ./launch.sh finetune --ckpt RUN_OR_FILE --data TRAIN --eval-data VAL [--field-name value ...] [--out DIR]
     ./launch.sh linprobe ...
+    ./launch.sh linprobe --ckpt RUN_DIR --all-checkpoints ...   # every checkpoint of the run without a result
 
 Both run on the pre-training loop (train.trainer.Trainer): same launcher, DDP, checkpoints, metrics.jsonl,
 pre-emption and exact resume. The run folder (--out) has the layout of a pre-training run (docs/run-folder.md)
@@ -12,6 +13,7 @@ plus `eval.json`; `checkpoints/best.pt` holds the epoch with the best top-1.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.checkpoint import is_timm_folder
 from pipeline.shards.shard_format import load_manifest
 from train.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from train.config import LAUNCHER_HELP, LoopConfig, options_help, parse_overrides
@@ -42,7 +45,7 @@ from train.entry import (
 )
 from train.eval.accuracy import TopKCounter
 from train.eval.encoder import RANDOM, EncoderOptions, PretrainedSource
-from train.eval.results import make_result, write_result
+from train.eval.results import checkpoints_to_evaluate, make_result, pending_checkpoints, write_result
 from train.metrics import RunLog
 from train.task import Task
 from train.trainer import NonFiniteError, Trainer, resolve_compile, resolve_precision
@@ -77,7 +80,7 @@ def default_out(cfg: SupervisedConfig, protocol: str) -> str:
     if cfg.ckpt == RANDOM:
         raise ValueError(f"--ckpt random needs --out (there is no checkpoint folder to put the {protocol} run in)")
     path = Path(cfg.ckpt)
-    if path.is_dir():  # the run's newest checkpoint (the one --ckpt RUN evaluates)
+    if path.is_dir() and not is_timm_folder(path):  # the run's newest checkpoint (the one --ckpt RUN evaluates)
         folder = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
         found = list_checkpoints(folder)
         if not found:
@@ -179,8 +182,12 @@ class Protocol:
             print(self.help_text())
             raise SystemExit(0)
         cfg = self.config_cls(**parse_overrides(argv, self.config_cls))
-        cfg.out = default_out(cfg, self.name)
         cfg.check_ckpt_exists()
+        if cfg.all_checkpoints:  # each checkpoint's run gets its default folder in run()
+            pending_checkpoints(cfg.ckpt, self.name)
+            check_writable(cfg.ckpt, "--ckpt")
+        else:
+            cfg.out = default_out(cfg, self.name)
         train, _ = load_manifest(cfg.data)
         evals, _ = load_manifest(cfg.eval_data)
         check_class_maps(train, evals, f"--eval-data {cfg.eval_data}")
@@ -188,11 +195,37 @@ class Protocol:
         if evals.num_classes > classes:
             raise ValueError(f"--eval-data {cfg.eval_data} has {evals.num_classes} classes, more than the head's "
                              f"{classes}")
-        check_writable(cfg.out, "--out")
-        check_run_folder(cfg)
+        if not cfg.all_checkpoints:
+            check_writable(cfg.out, "--out")
+            check_run_folder(cfg)
         return cfg
 
     def run(self, cfg: Any, env: DistEnv, stop: StopRequest | None = None) -> int:
+        if not cfg.all_checkpoints:
+            return self.run_one(cfg, env, stop)[0]
+        # --all-checkpoints: one run per checkpoint without a result, each in its default folder; an interrupted
+        # one continues (--resume auto), a stop signal ends the loop after the current run's checkpoint.
+        todo = checkpoints_to_evaluate(cfg.ckpt, self.name, env)
+        if not todo and env.is_main:
+            print(f"{self.name}: every checkpoint of {cfg.ckpt} has a {self.name} result already; nothing to do")
+        skipped = []
+        for path in todo:
+            one = dataclasses.replace(cfg, ckpt=str(path), all_checkpoints=False, resume="auto")
+            one.out = default_out(one, self.name)
+            try:
+                status, stopped = self.run_one(one, env, stop)
+            except SetupError as e:  # e.g. a damaged checkpoint: the others still run
+                skipped.append(f"{path}: {e}")
+                print(f"{self.name}: skipping {path}: {e}", file=sys.stderr)
+                continue
+            if status or stopped:
+                return status
+        if skipped and env.is_main:
+            print(f"{self.name}: {len(skipped)} checkpoint(s) skipped:\n  " + "\n  ".join(skipped), file=sys.stderr)
+        return 0
+
+    def run_one(self, cfg: Any, env: DistEnv, stop: StopRequest | None = None) -> tuple[int, bool]:
+        """Train and evaluate on one encoder: (exit status, whether a stop signal ended it early)."""
         try:
             trainer, log, source = self.build(cfg, env)
         except (ValueError, FileNotFoundError) as e:
@@ -201,12 +234,12 @@ class Protocol:
             try:
                 result = trainer.train(stop)
             except NonFiniteError:
-                return 1
+                return 1, False
             log.message(f"{result.status}: step {result.step}, epoch {result.epoch}"
                         + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""))
             if result.status != "preempted":
                 self.finish(cfg, env, trainer, source, log)
-            return 0
+            return 0, result.status == "preempted"
         finally:
             log.close()
 
