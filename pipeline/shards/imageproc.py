@@ -132,13 +132,13 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-def scan_jpeg(data: bytes) -> JpegHeader | None:
-    """Walk the JPEG markers up to the first scan (no decoding); None when `data` is not a well-formed JPEG header."""
+def _header_segments(data: bytes | memoryview) -> list[tuple[int, int, int]] | None:
+    """(marker, start, end) of each marker segment's payload up to the start of scan; None when `data` is not a
+    well-formed JPEG header."""
     if data[:2] != b"\xff\xd8":
         return None
     pos, n = 2, len(data)
-    sof = None
-    orientation, adobe, mpf = 1, None, False
+    segments = []
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return None
@@ -152,25 +152,47 @@ def scan_jpeg(data: bytes) -> JpegHeader | None:
         (seglen,) = struct.unpack_from(">H", data, pos + 2)
         if seglen < 2 or pos + 2 + seglen > n:
             return None
-        seg = data[pos + 4 : pos + 2 + seglen]
+        segments.append((marker, pos + 4, pos + 2 + seglen))
+        if marker == 0xDA:  # start of scan: the header is over
+            return segments
+        pos += 2 + seglen
+    return None
+
+
+def _frame(data: bytes | memoryview, segments: list[tuple[int, int, int]]) -> tuple[int, int, int, int, int] | None:
+    """(SOF marker, precision, width, height, components) of the first frame header, or None."""
+    for marker, start, end in segments:
         if marker in _SOF_MARKERS:
-            if len(seg) < 6:
+            if end - start < 6:
                 return None
-            precision, height, width, comps = struct.unpack_from(">BHHB", seg)
-            sof = (marker, precision, width, height, comps)
-        elif marker == 0xE1 and seg[:6] == b"Exif\0\0":
+            precision, height, width, comps = struct.unpack_from(">BHHB", data, start)
+            return marker, precision, width, height, comps
+    return None
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header without decoding (no EXIF orientation applied); None when `data`
+    is not a well-formed JPEG header."""
+    segments = _header_segments(data)
+    frame = _frame(data, segments) if segments is not None else None
+    return None if frame is None else (frame[3], frame[2])
+
+
+def scan_jpeg(data: bytes) -> JpegHeader | None:
+    """Walk the JPEG markers up to the first scan (no decoding); None when `data` is not a well-formed JPEG header."""
+    segments = _header_segments(data)
+    sof = _frame(data, segments) if segments is not None else None
+    if sof is None:
+        return None
+    orientation, adobe, mpf = 1, None, False
+    for marker, start, end in segments:
+        seg = data[start:end]
+        if marker == 0xE1 and seg[:6] == b"Exif\0\0":
             orientation = _exif_orientation(seg[6:])
         elif marker == 0xE2 and seg[:4] == b"MPF\0":
             mpf = True
         elif marker == 0xEE and seg[:5] == b"Adobe" and len(seg) >= 12:
             adobe = seg[11]
-        elif marker == 0xDA:  # start of scan: the header is over
-            break
-        pos += 2 + seglen
-    else:
-        return None
-    if sof is None:
-        return None
     # Decoders stop at EOI; some writers pad the file after it.
     has_eoi = data.rstrip(b"\0")[-2:] == b"\xff\xd9"
     return JpegHeader(*sof, orientation=orientation, adobe_transform=adobe, multi_picture=mpf, has_eoi=has_eoi)
