@@ -418,7 +418,7 @@ def test_crop_decode_names_the_sample_it_cannot_decode(small_data, damage):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI mixed decoding); the CPU tests cover "
                     "the same pipeline definition")
 def test_gpu_batches_match_the_cpu_path_and_resume(ids_data):
-    cpu_eval = run_epochs(build_loader(cfg(ids_data, train=False)), 1)
+    cpu_eval = run_epochs(build_loader(cfg(ids_data, train=False, decode="dali-cpu")), 1)
     gpu_loader = build_loader(cfg(ids_data, train=False, device="cuda"))
     gpu_eval = []
     for b in gpu_loader:
@@ -438,3 +438,31 @@ def test_gpu_batches_match_the_cpu_path_and_resume(ids_data):
     rest = [(b.images.cpu(), b.labels.cpu()) for _ in range(2) for b in resumed][: len(reference) - 7]
     assert all(torch.equal(a[1], b[1]) and (a[0].int() - b[0].int()).abs().max() <= 1
                for a, b in zip(rest, reference[7:], strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (--decode cpu resizes on the GPU); the CPU tests "
+                    "run the same resize on the CPU (tests/test_loader_transforms.py)")
+@pytest.mark.parametrize("train", [True, False])
+def test_crop_decode_on_the_gpu_matches_the_cpu_and_resumes(ids_data, train):
+    """--decode cpu on a GPU machine: windows decoded on CPU threads, resized, cropped and flipped on the GPU; the
+    same batches as on the CPU within rounding, and the same exact resume."""
+    config = cfg(ids_data, train=train, decode="cpu", drop_last=False)
+    cpu = run_epochs(build_loader(config), 2)
+    gpu_loader = build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False, device="cuda"))
+    assert gpu_loader.decode == "cpu"
+    gpu = []
+    for _ in range(2):
+        for b in gpu_loader:
+            assert b.images.device.type == b.labels.device.type == "cuda" and b.images.dtype == torch.uint8
+            gpu.append((b.images.cpu().numpy(), b.labels.tolist(), None if b.valid is None else b.valid.tolist()))
+    assert [b[1:] for b in gpu] == [b[1:] for b in cpu]
+    diff = np.abs(np.concatenate([b[0] for b in gpu]).astype(int) - np.concatenate([b[0] for b in cpu]))
+    assert diff.max() <= 2 and (diff > 1).mean() < 1e-3
+    first = build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False, device="cuda"))
+    consume(first, 4)
+    resumed = build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False, device="cuda"))
+    resumed.load_state_dict(first.state_dict())
+    rest = [(b.images.cpu().numpy(), b.labels.tolist(), None if b.valid is None else b.valid.tolist())
+            for _ in range(2) for b in resumed][: len(gpu) - 4]
+    assert same_batches(rest, gpu[4:])

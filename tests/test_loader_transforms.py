@@ -130,7 +130,8 @@ def test_resize_equals_pils_bicubic(exact):
         if exact:
             ours = resize_bicubic(torch.from_numpy(img), torch.empty(oh, ow, 3, dtype=torch.uint8)).numpy()
         else:
-            ours = resize_bicubic_float(torch.from_numpy(img), (oh, ow)).permute(1, 2, 0).to(torch.uint8).numpy()
+            x = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).float()
+            ours = resize_bicubic_float(x, (oh, ow)).round().clamp(0, 255)[0].permute(1, 2, 0).to(torch.uint8).numpy()
         diffs.append(differences(ours, pil_resize(img, oh, ow)))
     assert_pil_parity(diffs)
 
@@ -229,3 +230,33 @@ def test_windows_have_the_recipes_area_and_ratio_on_real_images(real_shards):
         ratio = g.window[:, 3] / g.window[:, 2]
         assert (area > 0).all() and np.all(np.log(ratio) > math.log(3 / 4) - 0.05)
         assert np.all(np.log(ratio) < math.log(4 / 3) + 0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the GPU half of `--decode cpu` (resize, crop and flip with float32 torch ops on the output device), run on the CPU
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_assembly_equals_the_cpu_assembly(tmp_path, train):
+    """`assemble_device` is what a CUDA output device runs; here on the CPU, against the uint8 path, on the same
+    decoded windows (photo-like images of assorted sizes, so that every pass order and the eval crop occur)."""
+    from pipeline.loaders.transforms import assemble_device
+    from tests.conftest import jpeg_bytes
+
+    rng = np.random.default_rng(4)
+    jpegs = [jpeg_bytes(smooth_image(rng, int(h), int(w)), quality=95) for h, w in rng.integers(90, 400, (24, 2))]
+    write_jpeg_shards(tmp_path / "shards", jpegs, list(range(24)), per_shard=8)
+    loader = build_loader(LoaderConfig(str(tmp_path / "shards"), batch_size=8, img_size=64, device="cpu",
+                                       num_threads=1, train=train))
+    diffs = []
+    for b in range(3):
+        prepared = loader.prepare(0, b)
+        crops = []
+        for jpeg, (top, left, h, w) in zip(prepared.jpegs, prepared.geometry.window.tolist(), strict=True):
+            crops.append(np.asarray(Image.open(io.BytesIO(jpeg.tobytes())).convert("RGB"))[top : top + h,
+                                                                                              left : left + w].copy())
+        cpu = loader.assemble(prepared, crops)
+        device = assemble_device(crops, prepared.geometry, 64, torch.device("cpu"))
+        assert device.shape == cpu.shape and device.dtype == torch.uint8 and device.is_contiguous()
+        diffs.append(differences(device.numpy(), cpu.numpy()))
+    assert_pil_parity(diffs)

@@ -78,6 +78,15 @@ def decode_pipeline(batch_size: int, threads: int, prefetch: int, crop: bool):
     return pipeline()
 
 
+def feed(pipe, prepared: PreparedBatch, crop: bool) -> None:
+    """Hand `prepared`'s encoded images (and with `crop` its windows) to a `decode_pipeline` for its next run."""
+    pipe.feed_input("jpegs", prepared.jpegs)
+    if crop:
+        window = prepared.geometry.window.astype(np.int32)
+        pipe.feed_input("anchor", np.ascontiguousarray(window[:, [1, 0]]))
+        pipe.feed_input("shape", np.ascontiguousarray(window[:, [3, 2]]))
+
+
 class CropDecodeLoader(LoaderBase):
     """`Loader` whose JPEG decoding runs on CPU threads and whose resize runs with torch on the output device."""
 
@@ -136,11 +145,7 @@ class CropDecodeLoader(LoaderBase):
         self._next = (epoch + 1, 0) if batch + 1 == self.batches_per_epoch else (epoch, batch + 1)
 
     def _feed(self, pipe, prepared: PreparedBatch) -> None:
-        pipe.feed_input("jpegs", prepared.jpegs)
-        if self.cfg.train:
-            window = prepared.geometry.window.astype(np.int32)
-            pipe.feed_input("anchor", np.ascontiguousarray(window[:, [1, 0]]))
-            pipe.feed_input("shape", np.ascontiguousarray(window[:, [3, 2]]))
+        feed(pipe, prepared, self.cfg.train)
         self._inflight.append(prepared)
 
     def _start(self):

@@ -151,20 +151,24 @@ def resize_bicubic(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def resize_bicubic_float(src: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """The same resize in float32 on any device: (h, w, 3) uint8 -> (3, oh, ow) float32 holding integers 0..255.
-
-    Each pass is rounded half up and clamped to 0..255 as Pillow's 8-bit passes are, in Pillow's order.
+def resize_bicubic_float(x: torch.Tensor, out_hw: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same resize in float32 on any device: (1, 3, h, w) holding integers 0..255 -> (1, 3, oh, ow), written to
+    `out` when given. Pillow's passes in Pillow's order; the first is rounded and clamped to 0..255 as Pillow's 8-bit
+    intermediate image is, the last is left for the caller to round (once for a whole batch).
     """
-    h, w = src.shape[:2]
+    h, w = x.shape[2:]
     oh, ow = out_hw
-    x = src.permute(2, 0, 1).unsqueeze(0).float()
-    sizes = [(oh, w), (oh, ow)] if vertical_first(h, w, oh, ow) else [(h, ow), (oh, ow)]
-    for size in sizes:
-        if tuple(x.shape[2:]) != size:
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-            x = x.add_(0.5).floor_().clamp_(0, 255)
-    return x[0]
+    first = (oh, w) if vertical_first(h, w, oh, ow) else (h, ow)
+    if first not in ((h, w), (oh, ow)):
+        x = F.interpolate(x, size=first, mode="bicubic", antialias=True, align_corners=False).round_().clamp_(0, 255)
+    if out is None:
+        return F.interpolate(x, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)
+    if tuple(x.shape[2:]) == (oh, ow):
+        return out.copy_(x)
+    return _FLOAT_AA_BICUBIC(x, [oh, ow], False, None, None, out=out)
+
+
+_FLOAT_AA_BICUBIC = torch.ops.aten._upsample_bicubic2d_aa.out
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -177,34 +181,47 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 def assemble_cpu(crops: list[torch.Tensor], geometry: BatchGeometry, size: int, out: torch.Tensor,
                  indices: range | list[int]) -> None:
     """Resize, crop and flip `crops[k]` (h, w, 3) uint8 into `out[k]` (size, size, 3) for k in `indices` (CPU)."""
+    resize, offset, flip = geometry.resize.tolist(), geometry.offset.tolist(), geometry.flip.tolist()
+    images = out.unbind(0)
     for k in indices:
-        rh, rw = (int(v) for v in geometry.resize[k])
-        top, left = (int(v) for v in geometry.offset[k])
-        if (rh, rw) == (size, size):
-            resize_bicubic(crops[k], out[k])
+        (rh, rw), (top, left), dst = resize[k], offset[k], images[k]
+        if rh == rw == size:
+            resize_bicubic(crops[k], dst)
         else:
             resized = resize_bicubic(crops[k], torch.empty(rh, rw, 3, dtype=torch.uint8))
-            out[k].copy_(resized[top : top + size, left : left + size])
-        if geometry.flip[k]:
-            out[k].copy_(out[k].flip(1))
+            dst.copy_(resized[top : top + size, left : left + size])
+        if flip[k]:
+            dst.copy_(dst.flip(1))
 
 
 def assemble_device(crops: list[np.ndarray], geometry: BatchGeometry, size: int,
                     device: torch.device) -> torch.Tensor:
-    """(B, size, size, 3) uint8 on `device` (CUDA): the crops are packed into one pinned buffer, copied to the
-    device in one transfer, then resized, cropped and flipped there by `resize_bicubic_float`."""
-    sizes = [c.size for c in crops]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+    """(B, size, size, 3) uint8 on `device` (a GPU for `--decode cpu`; any device in the tests) from the decoded
+    windows `crops` (h, w, 3) uint8: packed into one (pinned) buffer, moved in one transfer, resized, cropped and
+    flipped there with `resize_bicubic_float`.
+
+    Kernels: 2-4 per image (first pass, its rounding, last pass into the batch; eval adds the crop copy), then a few
+    for the whole batch (rounding, flips, layout, uint8).
+    """
+    n = len(crops)
+    starts = np.concatenate([[0], np.cumsum([c.size for c in crops])])
     staging = torch.empty(int(starts[-1]), dtype=torch.uint8, pin_memory=device.type == "cuda")
     packed = staging.numpy()
     for k, c in enumerate(crops):
         packed[starts[k] : starts[k + 1]] = c.reshape(-1)
-    flat = staging.to(device, non_blocking=True)
-    out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8, device=device)
+    flat = staging.to(device, non_blocking=True).float()
+    batch = torch.empty(n, 3, size, size, dtype=torch.float32, device=device)
+    resize, offset = geometry.resize.tolist(), geometry.offset.tolist()
     for k, c in enumerate(crops):
-        src = flat[starts[k] : starts[k + 1]].view(c.shape)
-        top, left = (int(v) for v in geometry.offset[k])
-        y = resize_bicubic_float(src, (int(geometry.resize[k, 0]), int(geometry.resize[k, 1])))
-        y = y[:, top : top + size, left : left + size]
-        out[k].copy_((y.flip(2) if geometry.flip[k] else y).permute(1, 2, 0))
-    return out
+        x = flat[starts[k] : starts[k + 1]].view(c.shape).permute(2, 0, 1).unsqueeze(0)
+        (rh, rw), (top, left) = resize[k], offset[k]
+        if rh == rw == size:
+            resize_bicubic_float(x, (rh, rw), out=batch[k : k + 1])
+        else:
+            batch[k].copy_(resize_bicubic_float(x, (rh, rw))[0, :, top : top + size, left : left + size])
+    batch = batch.round_().clamp_(0, 255)
+    flip = np.flatnonzero(geometry.flip)
+    if len(flip):
+        index = torch.as_tensor(flip, device=device)
+        batch[index] = batch[index].flip(3)
+    return batch.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
