@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -258,5 +259,7 @@ def test_device_assembly_equals_the_cpu_assembly(tmp_path, train):
         cpu = loader.assemble(prepared, crops)
         device = assemble_device(crops, prepared.geometry, 64, torch.device("cpu"))
         assert device.shape == cpu.shape and device.dtype == torch.uint8 and device.is_contiguous()
+        with ThreadPoolExecutor(2) as pool:  # the windows packed for the transfer by several threads
+            assert torch.equal(assemble_device(crops, prepared.geometry, 64, torch.device("cpu"), pool), device)
         diffs.append(differences(device.numpy(), cpu.numpy()))
     assert_pil_parity(diffs)

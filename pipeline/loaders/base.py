@@ -2,14 +2,16 @@
 
 `pipeline.loaders.build.build_loader` validates a shard folder and makes the configured backend.
 
-Two backends read the same shard folder (`pipeline.shards.shard_format`) with the same semantics:
+Paths that read the same shard folder (`pipeline.shards.shard_format`) with the same semantics:
 
-* `backend="dali"` (`pipeline.loaders.dali_loader`): DALI decodes and augments, on the GPU (`mixed` nvJPEG decoding) or on
-  the CPU backend; the fast path.
-* `backend="torch"` (`pipeline.loaders.torch_loader`): PIL + torchvision transforms in `DataLoader` workers; for machines
-  without DALI and as the baseline of `./launch.sh bench pipeline`.
+* `backend="dali"`, `decode="gpu"` (`pipeline.loaders.dali_loader`): DALI decodes (`mixed` nvJPEG) and augments on
+  the GPU; `decode="dali-cpu"` runs the same pipeline on DALI's CPU backend (its twin, the reference).
+* `backend="dali"`, `decode="cpu"` (`pipeline.loaders.crop_decode`): DALI decodes only the crop window on CPU
+  threads, torch resizes (PIL's bicubic) and flips on the output device; the default without a GPU.
+* `backend="torch"` (`pipeline.loaders.torch_loader`): PIL decoding in `DataLoader` workers, then the crop-decode
+  path's geometry and resize (the same batches); for machines without DALI.
 
-Semantics shared by both (docs/data-pipeline.md has the user-facing version):
+Semantics shared by all (docs/data-pipeline.md has the user-facing version):
 
 * Rank sharding is DALI's: over the epoch's sample sequence (all shards concatenated in the epoch's shard order),
   rank r reads the contiguous range [N*r//W, N*(r+1)//W) (`RankLayout`), so over one epoch the ranks together read
@@ -444,9 +446,10 @@ class LoaderBase:
             "world_size": self.layout.world_size,
             **self.cfg.result_fingerprint(),
         }
-        if self.backend == "dali" and self.decode == "cpu":
-            # Crop-decode draws its crops otherwise than DALI's operators; "gpu" and "dali-cpu" are one pipeline on
-            # two devices (a position moves between them), so they add nothing and older positions stay valid.
+        if self.decode == "cpu":
+            # Crop-decode (and the torch backend, which shares its plan and draws) draws its crops otherwise than
+            # DALI's operators and than the torch backend before it; "gpu" and "dali-cpu" are one pipeline on two
+            # devices (a position moves between them), so they add nothing and their older positions stay valid.
             fingerprint["decode"] = "cpu"
         return fingerprint
 

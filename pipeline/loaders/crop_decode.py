@@ -101,9 +101,9 @@ class CropDecodeLoader(LoaderBase):
         self._pipe = None
         self._inflight: deque[PreparedBatch] = deque()
         self._next: tuple[int, int] = (0, 0)  # position of the next batch to hand to the decoder
-        self._pool = None
-        if device.type == "cpu" and cfg.num_threads > 1:
-            self._pool = ThreadPoolExecutor(cfg.num_threads, "resize")
+        self._pool = None  # resizes (CPU output) or packs the decoded windows for the transfer (GPU output)
+        if cfg.num_threads > 1:
+            self._pool = ThreadPoolExecutor(cfg.num_threads, "assemble")
             weakref.finalize(self, self._pool.shutdown, wait=False)
         self._failure: Exception | None = None
 
@@ -222,7 +222,7 @@ class CropDecodeLoader(LoaderBase):
         """(B, S, S, 3) uint8 on the loader's device from the decoded windows `crops` (h, w, 3) uint8."""
         size, geometry = self.cfg.img_size, prepared.geometry
         if self.device.type != "cpu":
-            return assemble_device(crops, geometry, size, self.device)
+            return assemble_device(crops, geometry, size, self.device, self._pool)
         out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8)
         sources = [torch.from_numpy(c) for c in crops]
         if self._pool is None:

@@ -25,6 +25,7 @@ vertical pass first when the height shrinks by more than twice as many pixels as
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,11 +195,11 @@ def assemble_cpu(crops: list[torch.Tensor], geometry: BatchGeometry, size: int, 
             dst.copy_(dst.flip(1))
 
 
-def assemble_device(crops: list[np.ndarray], geometry: BatchGeometry, size: int,
-                    device: torch.device) -> torch.Tensor:
+def assemble_device(crops: list[np.ndarray], geometry: BatchGeometry, size: int, device: torch.device,
+                    pool: Executor | None = None) -> torch.Tensor:
     """(B, size, size, 3) uint8 on `device` (a GPU for `--decode cpu`; any device in the tests) from the decoded
-    windows `crops` (h, w, 3) uint8: packed into one (pinned) buffer, moved in one transfer, resized, cropped and
-    flipped there with `resize_bicubic_float`.
+    windows `crops` (h, w, 3) uint8: packed into one (pinned) buffer (by `pool`'s threads when given), moved in one
+    transfer, resized, cropped and flipped there with `resize_bicubic_float`.
 
     Kernels: 2-4 per image (first pass, its rounding, last pass into the batch; eval adds the crop copy), then a few
     for the whole batch (rounding, flips, layout, uint8).
@@ -207,8 +208,14 @@ def assemble_device(crops: list[np.ndarray], geometry: BatchGeometry, size: int,
     starts = np.concatenate([[0], np.cumsum([c.size for c in crops])])
     staging = torch.empty(int(starts[-1]), dtype=torch.uint8, pin_memory=device.type == "cuda")
     packed = staging.numpy()
-    for k, c in enumerate(crops):
-        packed[starts[k] : starts[k + 1]] = c.reshape(-1)
+
+    def pack(indices) -> None:
+        for k in indices:
+            packed[starts[k] : starts[k + 1]] = crops[k].reshape(-1)  # numpy copies without holding the GIL
+    if pool is None:
+        pack(range(n))
+    else:
+        list(pool.map(pack, np.array_split(np.arange(n), max(1, n // 16))))  # tasks of ~16 images
     flat = staging.to(device, non_blocking=True).float()
     batch = torch.empty(n, 3, size, size, dtype=torch.float32, device=device)
     resize, offset = geometry.resize.tolist(), geometry.offset.tolist()

@@ -138,12 +138,9 @@ class CropDecodeStages:
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         import torch
+        import torchvision.io as tio
         from nvidia.dali import pipeline_def
         from PIL import Image
-
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs (in favour of torchcodec)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import torchvision.io as tio
 
         jpegs = [p.jpegs for p in self.prepared]
         batch = len(jpegs[0])
@@ -175,8 +172,10 @@ class CropDecodeStages:
                     im.convert("RGB").load()
 
         def torchvision_decode():
-            for t in tensors:
-                tio.decode_jpeg(t, mode=tio.ImageReadMode.RGB)
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs (for torchcodec): warns per call
+                warnings.simplefilter("ignore", DeprecationWarning)
+                for t in tensors:
+                    tio.decode_jpeg(t, mode=tio.ImageReadMode.RGB)
 
         return {
             "alt 2: DALI image_random_crop": (random_crop, "the reference pipeline's crop-decode (its own windows)"),
