@@ -171,17 +171,24 @@ def write_jpeg_shards(folder, jpegs: list[bytes], labels: list[int], per_shard: 
              totals={"written": len(jpegs)}).save(folder)
 
 
-def test_eval_pixels_agree_with_dali_on_real_imagenet_files(tmp_path):
+def stored_imagenet_jpegs(count: int) -> list[bytes]:
+    """The first `count` files of ../shared/data/imagenet-sample-500.tar as the sharding tool stores them (max side
+    512, quality 90, 4:2:0); skips the test without ../shared."""
     src = requires_shared("imagenet-sample-500.tar")
     jpegs = []
     with tarfile.open(src) as tf:
         for member in tf:
-            if member.isfile() and len(jpegs) < 10:
+            if member.isfile() and len(jpegs) < count:
                 im = Image.open(tf.extractfile(member)).convert("RGB")
                 im.thumbnail((512, 512), Image.Resampling.BOX)
                 buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=90, subsampling=2)  # as the sharding tool stores them
+                im.save(buf, "JPEG", quality=90, subsampling=2)
                 jpegs.append(buf.getvalue())
+    return jpegs
+
+
+def test_eval_pixels_agree_with_dali_on_real_imagenet_files(tmp_path):
+    jpegs = stored_imagenet_jpegs(10)
     folder = tmp_path / "real"
     write_jpeg_shards(folder, jpegs, list(range(len(jpegs))))
     common = dict(batch_size=5, img_size=224, train=False)

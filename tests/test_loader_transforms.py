@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,8 +25,7 @@ from pipeline.loaders.transforms import (
     train_geometry,
     vertical_first,
 )
-from tests.conftest import requires_shared
-from tests.test_loader_torch import write_jpeg_shards
+from tests.test_loader_torch import stored_imagenet_jpegs, write_jpeg_shards
 
 BICUBIC = Image.Resampling.BICUBIC
 AREA, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -175,16 +173,7 @@ def test_pillow_rule_depends_on_the_version(monkeypatch):
 
 @pytest.fixture(scope="module")
 def real_shards(tmp_path_factory):
-    src = requires_shared("imagenet-sample-500.tar")
-    jpegs = []
-    with tarfile.open(src) as tf:
-        for member in tf:
-            if member.isfile() and len(jpegs) < 24:
-                im = Image.open(tf.extractfile(member)).convert("RGB")
-                im.thumbnail((512, 512), Image.Resampling.BOX)
-                buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=90, subsampling=2)  # as the sharding tool stores them
-                jpegs.append(buf.getvalue())
+    jpegs = stored_imagenet_jpegs(24)
     folder = tmp_path_factory.mktemp("real") / "shards"
     write_jpeg_shards(folder, jpegs, list(range(len(jpegs))))
     return folder, jpegs

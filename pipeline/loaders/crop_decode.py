@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.loaders.base import Batch, LoaderBase, LoaderConfig, RankLayout, ShardSet
-from pipeline.loaders.plan import EpochPlanner, SampleIndex, SampleReader
+from pipeline.loaders.plan import SampleReader, plan_for
 from pipeline.loaders.transforms import (
     BatchGeometry,
     assemble_cpu,
@@ -94,8 +94,7 @@ class CropDecodeLoader(LoaderBase):
 
     def __init__(self, cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, device: torch.device):
         super().__init__(cfg, shards, layout, device)
-        self.index = SampleIndex.build(shards)
-        self.planner = EpochPlanner(self.index.shard_starts, layout, cfg.train, cfg.seed, cfg.shuffle_buffer)
+        self.index, self.planner = plan_for(cfg, shards, layout)
         self._reader = SampleReader(self.index, str(shards.folder))
         self._plans: dict[int, np.ndarray] = {}
         self._pipe = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.loaders.base import RankLayout, ShardSet, derive_seed
+from pipeline.loaders.base import LoaderConfig, RankLayout, ShardSet, derive_seed
 from pipeline.shards.shard_format import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -209,3 +209,9 @@ class EpochPlanner:
 
     def augment_seed(self, epoch: int) -> int:
         return derive_seed(self.seed, "torch-augment", self.layout.rank, epoch)
+
+
+def plan_for(cfg: LoaderConfig, shards: ShardSet, layout: RankLayout) -> tuple[SampleIndex, EpochPlanner]:
+    """The sample index of `shards` and this rank's epoch planner for `cfg`."""
+    index = SampleIndex.build(shards)
+    return index, EpochPlanner(index.shard_starts, layout, cfg.train, cfg.seed, cfg.shuffle_buffer)

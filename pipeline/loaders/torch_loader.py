@@ -38,7 +38,7 @@ from pipeline.loaders.base import (
     RankLayout,
     ShardSet,
 )
-from pipeline.loaders.plan import EpochPlanner, SampleIndex, SampleReader
+from pipeline.loaders.plan import EpochPlanner, SampleIndex, SampleReader, plan_for
 from pipeline.loaders.transforms import assemble_cpu, eval_geometry, normalise, train_geometry
 from pipeline.shards.shard_format import VERIFY_HINT, ShardFormatError
 
@@ -148,8 +148,7 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, device: torch.device):
         super().__init__(cfg, shards, layout, device)
-        self.index = SampleIndex.build(shards)
-        self.planner = EpochPlanner(self.index.shard_starts, layout, cfg.train, cfg.seed, cfg.shuffle_buffer)
+        self.index, self.planner = plan_for(cfg, shards, layout)
         self._dataloader = self._make_dataloader()
 
     def _make_dataloader(self) -> DataLoader:
