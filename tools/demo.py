@@ -10,7 +10,8 @@ Steps (docs/demo.md):
                 colour uninformative), or --data
   2. shards     the sharding library writes indexed WebDataset shards of the training split and of the held-out
                 split (val/ when present, else --holdout of every class), with the training split's class map
-  3. pipeline   images/s of the DALI training loader alone on those shards (`bench pipeline`'s row (a))
+  3. pipeline   images/s of the default training loader alone on those shards (`bench pipeline`'s row (a) on a
+                CPU, (a') on a GPU)
   4. compare    train/compare/runner.py: SupMAE and MAE (the demo recipes) pre-trained with the real trainer and
                 pipeline to the same compute budget, their checkpoints (untrained, along the way, final)
                 evaluated with k-NN, then the compute-to-accuracy analysis (`bench compute`)
@@ -167,7 +168,7 @@ def run_demo(cfg: DemoConfig, say=print) -> tuple[Any, Path]:
     train, val = shard_imagefolder(source, out / "shards", name="" if cfg.data else "shapes", holdout=cfg.holdout,
                                    seed=cfg.seed, max_side=max(64, 4 * img_size), say=say)
     comparison = cfg.comparison(train, val)
-    say("pipeline: timing the DALI training loader alone ...")
+    say("pipeline: timing the training loader alone ...")
     throughput = [pipeline_rate(train, comparison, images=256 if cfg.quick else 4096, repeats=2 if cfg.quick else 3)]
     t_compare = time.monotonic()
     outcome = run_comparison(comparison, say=say)
