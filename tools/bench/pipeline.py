@@ -15,6 +15,8 @@ Rows:
   stages: (a) built up one step at a time on one thread (read, crop-decode, resize, flip) and the alternatives
       measured for its decode and resize (`tools/bench/pipeline_stages.py`) - where (a)'s time goes
   dali-stages: the same for (a') (reader, decode, crop-decode, cubic resize, flip)
+  eval: (e) the crop-decode loader and (e') the DALI pipeline as eval loaders (whole-image decode, resize of the
+      shorter side to 256, centre crop), measured with the loader rows (no recipe ratio: the recipe row trains)
 
 Loader rows are measured interleaved (one timed call of each row in turn, `repeats` rounds after a warm-up round),
 so background load on a shared machine hits every row alike; each call takes `--images` images from an endless
@@ -37,7 +39,7 @@ from tools.bench.pipeline_stages import DALI_STAGES, cpu_per_call, crop_stage_ro
 from tools.bench.report import BenchReport, Timing
 
 DESCRIPTION = "data pipeline images/s: crop-decode and DALI loaders vs torch backend vs the original recipe"
-ROWS = ("cpu", "dali", "torch", "recipe", "recipe-persistent", "ceiling", "stages", "dali-stages")
+ROWS = ("cpu", "dali", "torch", "recipe", "recipe-persistent", "eval", "ceiling", "stages", "dali-stages")
 
 
 def _cores() -> int:
@@ -156,23 +158,30 @@ class StreamRow:
         return got
 
 
-def loader_row(cfg: PipelineBenchConfig, row: str) -> StreamRow:
-    """(a) crop-decode, (a') the reference DALI pipeline, (b) the torch backend: the project's loaders, uint8."""
+def loader_row(cfg: PipelineBenchConfig, row: str, train: bool = True) -> StreamRow:
+    """(a) crop-decode, (a') the reference DALI pipeline, (b) the torch backend: the project's loaders, uint8; with
+    `train=False` (rows (e), (e')) the same as eval loaders."""
     from pipeline.loaders.base import LoaderConfig, resolve_device
     from pipeline.loaders.build import build_loader
 
     reference = "gpu" if resolve_device(cfg.device).type == "cuda" else "dali-cpu"
     backend, decode = {"cpu": ("dali", "cpu"), "dali": ("dali", reference), "torch": ("torch", "auto")}[row]
     loader = build_loader(LoaderConfig(cfg.data, cfg.batch_size, cfg.img_size, backend=backend, decode=decode,
-                                       device=cfg.device, num_threads=cfg.threads))
+                                       device=cfg.device, num_threads=cfg.threads, train=train))
     name, note = {
-        "cpu": ("(a) crop-decode loader (decode=cpu)", "DALI window decode + torch bicubic resize + flip, "
+        "cpu": ("crop-decode loader (decode=cpu)", "DALI window decode + torch bicubic resize + flip, "
                 f"{cfg.threads} + {cfg.threads} threads, output on {loader.device.type}"),
-        "dali": (f"(a') DALI pipeline (decode={loader.decode})", f"{loader.device.type}, {cfg.threads} threads, "
+        "dali": (f"DALI pipeline (decode={loader.decode})", f"{loader.device.type}, {cfg.threads} threads, "
                  "crop-decode + cubic resize + flip"),
-        "torch": ("(b) torch backend", f"{cfg.threads} DataLoader workers, PIL decode + torch bicubic resize"),
+        "torch": ("torch backend", f"{cfg.threads} DataLoader workers, PIL decode + torch bicubic resize"),
     }[row]
-    return StreamRow(f"{name}, uint8", endless(lambda: iter(loader)), lambda b: b.num_valid, note)
+    if train:
+        tag = {"cpu": "(a)", "dali": "(a')", "torch": "(b)"}[row]
+    else:
+        tag = {"cpu": "(e) eval:", "dali": "(e') eval:"}[row]
+        note = note.replace("window decode", "whole-image decode").replace("crop-decode", "decode") \
+            .replace(" + flip", ", shorter side + centre crop")
+    return StreamRow(f"{tag} {name}, uint8", endless(lambda: iter(loader)), lambda b: b.num_valid, note)
 
 
 def recipe_row(cfg: PipelineBenchConfig, root: Path, persistent: bool) -> StreamRow:
@@ -294,14 +303,17 @@ def run(args: argparse.Namespace) -> BenchReport:
         rows.append(recipe_row(cfg, root, persistent=False))
     if "recipe-persistent" in cfg.rows:
         rows.append(recipe_row(cfg, root, persistent=True))
+    if "eval" in cfg.rows:
+        rows += [loader_row(cfg, row, train=False) for row in ("cpu", "dali")]
     measured = measure_interleaved(rows, cfg) if rows else {}
 
     recipe = next((measured[r.name] for r in rows if r.name.startswith("(c)")), None)
     for row in rows:
         m = measured[row.name]
+        versus = recipe if not row.name.startswith("(e") else None  # the recipe row trains: no ratio for eval
         report.add_row(name=row.name, images_per_sec=m.rate, spread=f"±{m.timing.spread:.0%}",
-                       x_recipe=m.rate / recipe.rate if recipe else None, cpu_ms_per_image=m.cpu_ms_per_image,
-                       x_recipe_cpu=recipe.cpu_ms_per_image / m.cpu_ms_per_image if recipe else None, notes=row.note)
+                       x_recipe=m.rate / versus.rate if versus else None, cpu_ms_per_image=m.cpu_ms_per_image,
+                       x_recipe_cpu=versus.cpu_ms_per_image / m.cpu_ms_per_image if versus else None, notes=row.note)
 
     def per_core_row(name: str, seconds_per_image: Timing, note: str, times_cores: bool) -> None:
         per_core = 1 / seconds_per_image.median
