@@ -11,8 +11,8 @@ Shared by the loaders that decode on CPU threads (`pipeline.loaders.crop_decode`
   fixed-point code (AVX2; 3-5x faster than Pillow itself), called with an `out=` tensor so that the result is
   written channels-last straight into the batch: `F.interpolate` returns the uint8 result channels-first, which
   costs a repack inside and a transposing copy after, twice the time of the resize. On other devices
-  (`--decode cpu` on a GPU machine) the same passes run in float32, each rounded half up and clamped as Pillow's
-  8-bit passes are.
+  (`--decode cpu` on a GPU machine) the same passes run in float32, each rounded and clamped to 0..255 as Pillow's
+  8-bit passes are (ties to even where Pillow rounds them up: a level apart on exact ties, which are rare).
 
 Parity with PIL: torch's kernel quantises the filter weights to 15 bits, Pillow to 22, so about 0.3% of the pixels
 differ by 1 and about one in a million by 2 (measured on 300 real ImageNet crops; tests/test_loader_transforms.py).
