@@ -252,3 +252,22 @@ def test_device_assembly_equals_the_cpu_assembly(tmp_path, train):
             assert torch.equal(assemble_device(crops, prepared.geometry, 64, torch.device("cpu"), pool), device)
         diffs.append(differences(device.numpy(), cpu.numpy()))
     assert_pil_parity(diffs)
+
+
+def test_every_batch_and_epoch_draws_its_own_windows_and_flips(tmp_path):
+    """Images of one size, so that only the draws tell batches apart: each (epoch, batch) has its own, and the same
+    (seed, epoch, batch) always gets the same, whichever loader asks."""
+    from tests.conftest import jpeg_bytes, make_image
+
+    jpegs = [jpeg_bytes(make_image(i % 3, i, 60, 80)) for i in range(32)]
+    write_jpeg_shards(tmp_path / "shards", jpegs, [i % 3 for i in range(32)], per_shard=8)
+    config = LoaderConfig(str(tmp_path / "shards"), batch_size=8, img_size=32, device="cpu", num_threads=1)
+    loader, again = build_loader(config), build_loader(config)
+
+    def draws(ld, epoch, batch):
+        g = ld.prepare(epoch, batch).geometry
+        return g.window.tolist(), g.flip.tolist()
+
+    seen = [draws(loader, e, b) for e in range(2) for b in range(4)]
+    assert all(a != b for i, a in enumerate(seen) for b in seen[i + 1 :])
+    assert draws(again, 1, 2) == seen[4 + 2]
