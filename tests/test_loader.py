@@ -1,5 +1,7 @@
-"""DALI loader (CPU backend) and the shared loader interface: shapes, labels, coverage, determinism, exact resume,
-validation and errors. Tiny images (tens of pixels) keep every pipeline build and run in the milliseconds."""
+"""The dali backend's two CPU paths and the shared loader interface: shapes, labels, coverage, determinism, exact
+resume, validation and errors. Every behaviour test runs on both paths (the `decode` fixture): "cpu", the default on a
+machine without a GPU (crop-decode on CPU threads + torch resize), and "dali-cpu", the GPU pipeline's operators on
+DALI's CPU backend (its reference twin). Tiny images (tens of pixels) keep every build and run in the milliseconds."""
 
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ def write_ids_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ids_data(tmp_path_factory):
     return write_ids_data(tmp_path_factory)
+
+
+# "cpu": the crop-decode path (the default without a GPU); "dali-cpu": the GPU pipeline's operators on DALI's CPU backend.
+DECODE_PATHS = ("cpu", "dali-cpu")
+
+
+@pytest.fixture(params=DECODE_PATHS)
+def decode(request) -> str:
+    return request.param
 
 
 def cfg(data, **kw) -> LoaderConfig:
@@ -145,8 +156,8 @@ def test_throughput_stats_with_a_fake_clock():
 # output
 
 
-def test_train_batch_shapes_dtypes_and_layout(ids_data):
-    loader = build_loader(cfg(ids_data))
+def test_train_batch_shapes_dtypes_and_layout(ids_data, decode):
+    loader = build_loader(cfg(ids_data, decode=decode))
     assert isinstance(loader, Loader)
     assert (loader.num_samples, loader.num_classes, loader.batches_per_epoch, len(loader)) == (N, N, 5, 5)
     batches = list(loader)
@@ -159,10 +170,10 @@ def test_train_batch_shapes_dtypes_and_layout(ids_data):
     assert loader.stats.images == 20 and loader.stats.batches == 5
 
 
-def test_labels_match_the_images(ids_data):
+def test_labels_match_the_images(ids_data, decode):
     """Each image's mean colour is its label's class colour (tests/conftest.make_image), through shuffle and crops."""
     base = np.array([[(lbl * 67) % 256, (lbl * 131 + 40) % 256, (lbl * 29 + 90) % 256] for lbl in range(N)], float)
-    loader = build_loader(cfg(ids_data, drop_last=False))
+    loader = build_loader(cfg(ids_data, decode=decode, drop_last=False))
     checked = 0
     for images, labels, _ in run_epochs(loader, 2):
         for img, lbl in zip(images, labels, strict=True):
@@ -172,17 +183,17 @@ def test_labels_match_the_images(ids_data):
     assert checked == 2 * 6 * 4
 
 
-def test_float16_output_is_the_normalised_uint8_output(ids_data):
-    u8 = run_epochs(build_loader(cfg(ids_data)), 1)
-    f16 = run_epochs(build_loader(cfg(ids_data, output_dtype="float16")), 1)
+def test_float16_output_is_the_normalised_uint8_output(ids_data, decode):
+    u8 = run_epochs(build_loader(cfg(ids_data, decode=decode)), 1)
+    f16 = run_epochs(build_loader(cfg(ids_data, decode=decode, output_dtype="float16")), 1)
     mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
     for a, b in zip(u8, f16, strict=True):
         assert b[0].dtype == np.float16 and a[1] == b[1]
         np.testing.assert_allclose(b[0].astype(np.float32), (a[0] - mean) / std, atol=2e-2)
 
 
-def test_eval_reads_every_sample_in_order_with_padding_flagged(ids_data):
-    loader = build_loader(cfg(ids_data, train=False, batch_size=5))
+def test_eval_reads_every_sample_in_order_with_padding_flagged(ids_data, decode):
+    loader = build_loader(cfg(ids_data, decode=decode, train=False, batch_size=5))
     batches = run_epochs(loader, 2)
     assert len(batches) == 2 * 5
     first = batches[:5]
@@ -192,42 +203,43 @@ def test_eval_reads_every_sample_in_order_with_padding_flagged(ids_data):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_eval_covers_every_sample_exactly_once_across_ranks(ids_data, world):
-    per_rank = [run_epochs(build_loader(cfg(ids_data, train=False), rank, world), 1) for rank in range(world)]
+def test_eval_covers_every_sample_exactly_once_across_ranks(ids_data, decode, world):
+    per_rank = [run_epochs(build_loader(cfg(ids_data, decode=decode, train=False), rank, world), 1)
+                for rank in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # every rank runs the same number of batches
     seen = [lbl for batches in per_rank for lbl in valid_labels(batches)]
     assert sorted(seen) == list(range(N))
 
 
-def test_train_epoch_covers_every_sample_across_two_ranks_without_drop_last(ids_data):
-    loaders = [build_loader(cfg(ids_data, drop_last=False), rank, 2) for rank in range(2)]
+def test_train_epoch_covers_every_sample_across_two_ranks_without_drop_last(ids_data, decode):
+    loaders = [build_loader(cfg(ids_data, decode=decode, drop_last=False), rank, 2) for rank in range(2)]
     for _ in range(3):  # every epoch, although the order changes
         seen = [lbl for ld in loaders for lbl in valid_labels(run_epochs(ld, 1))]
         assert sorted(seen) == list(range(N))
 
 
-def test_train_epoch_with_drop_last_reads_full_batches_of_distinct_samples(ids_data):
-    loaders = [build_loader(cfg(ids_data), rank, 2) for rank in range(2)]
+def test_train_epoch_with_drop_last_reads_full_batches_of_distinct_samples(ids_data, decode):
+    loaders = [build_loader(cfg(ids_data, decode=decode), rank, 2) for rank in range(2)]
     assert [ld.batches_per_epoch for ld in loaders] == [2, 2]  # 11 // 4 on both ranks
     for _ in range(2):
         seen = [lbl for ld in loaders for lbl in valid_labels(run_epochs(ld, 1))]
         assert len(seen) == len(set(seen)) == 16  # no sample twice; 7 of 23 left for later epochs
 
 
-def test_same_seed_same_batches_other_seed_or_epoch_differs(ids_data):
-    a = run_epochs(build_loader(cfg(ids_data)), 2)
-    b = run_epochs(build_loader(cfg(ids_data, num_threads=1, prefetch=1)), 2)  # speed settings change nothing
-    c = run_epochs(build_loader(cfg(ids_data, seed=1)), 2)
+def test_same_seed_same_batches_other_seed_or_epoch_differs(ids_data, decode):
+    a = run_epochs(build_loader(cfg(ids_data, decode=decode)), 2)
+    b = run_epochs(build_loader(cfg(ids_data, decode=decode, num_threads=1, prefetch=1)), 2)  # speed: no change
+    c = run_epochs(build_loader(cfg(ids_data, decode=decode, seed=1)), 2)
     assert same_batches(a, b)
     assert [x[1] for x in a] != [x[1] for x in c]
     assert [x[1] for x in a[:5]] != [x[1] for x in a[5:]]  # epoch 1 has another order
     assert sorted(valid_labels(a[:5])) != sorted(valid_labels(a[5:]))  # and drops other samples
 
 
-def test_returned_batches_stay_valid_while_later_batches_are_made(ids_data):
-    """Images come zero-copy from DALI: a batch kept by the consumer must not be overwritten by later runs."""
-    kept = list(build_loader(cfg(ids_data, prefetch=1)))
-    copied = run_epochs(build_loader(cfg(ids_data, prefetch=1)), 1)
+def test_returned_batches_stay_valid_while_later_batches_are_made(ids_data, decode):
+    """Images come zero-copy from DALI (dali-cpu): a batch kept by the consumer must not be overwritten later."""
+    kept = list(build_loader(cfg(ids_data, decode=decode, prefetch=1)))
+    copied = run_epochs(build_loader(cfg(ids_data, decode=decode, prefetch=1)), 1)
     assert all(np.array_equal(k.images.numpy(), c[0]) for k, c in zip(kept, copied, strict=True))
 
 
@@ -236,8 +248,8 @@ def test_returned_batches_stay_valid_while_later_batches_are_made(ids_data):
 
 
 @pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
-def test_resume_mid_epoch_and_across_epochs_gives_identical_batches(ids_data, rank, world):
-    config = cfg(ids_data, batch_size=3, prefetch=3)
+def test_resume_mid_epoch_and_across_epochs_gives_identical_batches(ids_data, decode, rank, world):
+    config = cfg(ids_data, decode=decode, batch_size=3, prefetch=3)
     reference = run_epochs(build_loader(config, rank, world), 3)
     per_epoch = build_loader(config, rank, world).batches_per_epoch
     for k in (1, per_epoch - 1, per_epoch, per_epoch + 2, 3 * per_epoch - 1):
@@ -245,16 +257,16 @@ def test_resume_mid_epoch_and_across_epochs_gives_identical_batches(ids_data, ra
         consume(first, k)
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint file holds
         assert (state["epoch"], state["batch"]) == divmod(k, per_epoch)
-        resumed = build_loader(cfg(ids_data, batch_size=3, prefetch=1, num_threads=1), rank, world)
+        resumed = build_loader(cfg(ids_data, decode=decode, batch_size=3, prefetch=1, num_threads=1), rank, world)
         resumed.load_state_dict(state)
         assert resumed.epoch == k // per_epoch
         rest = run_epochs(resumed, 3 - k // per_epoch)
         assert same_batches(rest, reference[k:]), f"resume after {k} batches"
 
 
-def test_iterating_again_continues_the_unfinished_epoch(ids_data):
-    reference = run_epochs(build_loader(cfg(ids_data)), 1)
-    loader = build_loader(cfg(ids_data))
+def test_iterating_again_continues_the_unfinished_epoch(ids_data, decode):
+    reference = run_epochs(build_loader(cfg(ids_data, decode=decode)), 1)
+    loader = build_loader(cfg(ids_data, decode=decode))
     it = iter(loader)
     head = [next(it) for _ in range(2)]
     del it
@@ -263,30 +275,42 @@ def test_iterating_again_continues_the_unfinished_epoch(ids_data):
     assert [b.labels.tolist() for b in head] + [t[1] for t in tail] == [r[1] for r in reference]
 
 
-def test_close_releases_the_pipeline_and_keeps_the_position(ids_data):
-    reference = run_epochs(build_loader(cfg(ids_data)), 2)
-    loader = build_loader(cfg(ids_data))
+def test_close_releases_the_pipeline_and_keeps_the_position(ids_data, decode):
+    reference = run_epochs(build_loader(cfg(ids_data, decode=decode)), 2)
+    loader = build_loader(cfg(ids_data, decode=decode))
     consume(loader, 3)
     loader.close()
     assert loader._pipe is None
     assert same_batches(run_epochs(loader, 2)[:7], reference[3:])
 
 
-def test_state_of_a_fresh_loader_restores_to_the_start(ids_data):
-    reference = run_epochs(build_loader(cfg(ids_data)), 1)
-    loader = build_loader(cfg(ids_data))
-    loader.load_state_dict(build_loader(cfg(ids_data)).state_dict())
+def test_state_of_a_fresh_loader_restores_to_the_start(ids_data, decode):
+    reference = run_epochs(build_loader(cfg(ids_data, decode=decode)), 1)
+    loader = build_loader(cfg(ids_data, decode=decode))
+    loader.load_state_dict(build_loader(cfg(ids_data, decode=decode)).state_dict())
     assert same_batches(run_epochs(loader, 1), reference)
 
 
-def test_state_from_other_settings_is_refused(ids_data):
-    state = build_loader(cfg(ids_data)).state_dict()
+def test_state_from_other_settings_is_refused(ids_data, decode):
+    state = build_loader(cfg(ids_data, decode=decode)).state_dict()
     with pytest.raises(ValueError, match="seed: saved 0, now 3"):
-        build_loader(cfg(ids_data, seed=3)).load_state_dict(state)
+        build_loader(cfg(ids_data, decode=decode, seed=3)).load_state_dict(state)
     with pytest.raises(ValueError, match="world_size: saved 1, now 2"):
-        build_loader(cfg(ids_data), 0, 2).load_state_dict(state)
+        build_loader(cfg(ids_data, decode=decode), 0, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="backend 'dali'"):
         build_loader(cfg(ids_data, backend="torch", num_threads=0)).load_state_dict(state)
+
+
+def test_a_position_moves_between_dali_devices_but_not_to_crop_decode(ids_data):
+    """"gpu" and "dali-cpu" are one pipeline on two devices (their states are interchangeable); crop-decode draws
+    other crops, so its position is refused there and the other way round, naming the setting."""
+    dali = build_loader(cfg(ids_data, decode="dali-cpu"))
+    crop = build_loader(cfg(ids_data, decode="cpu"))
+    assert "decode" not in dali.state_dict()["fingerprint"]
+    with pytest.raises(ValueError, match="decode: saved None, now 'cpu'"):
+        crop.load_state_dict(dali.state_dict())
+    with pytest.raises(ValueError, match="decode: saved 'cpu', now None"):
+        dali.load_state_dict(crop.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,14 +365,49 @@ def corrupt_first_jpeg(folder, record) -> str:
     return comp.name.split(".")[0]
 
 
+def undefine_huffman_tables(folder, record) -> str:
+    """Point the first image's scan at Huffman tables it does not define (same size, header still well formed), so
+    that decoding fails; returns its key."""
+    comp = next(c for c in parse_index(folder / record.index)[0] if c.ext == "jpg")
+    with open(folder / record.file, "r+b") as f:
+        f.seek(comp.offset)
+        jpeg = bytearray(f.read(comp.size))
+        sos = jpeg.index(b"\xff\xda")
+        for c in range(jpeg[sos + 4]):
+            jpeg[sos + 6 + 2 * c] = 0x33
+        f.seek(comp.offset)
+        f.write(jpeg)
+    return comp.name.split(".")[0]
+
+
 def test_corrupt_shard_found_while_reading_names_the_shard(small_data):
+    """dali-cpu: DALI does not say which sample failed; a checksum search names the shard."""
     folder, manifest = small_data
     corrupt_first_jpeg(folder, manifest.shards[1])
-    loader = build_loader(cfg(folder, train=False))
+    loader = build_loader(cfg(folder, train=False, decode="dali-cpu"))
     with pytest.raises(ShardFormatError, match=f"{manifest.shards[1].file}: corrupt.*shard --verify"):
         list(loader)
     with pytest.raises(RuntimeError, match="failed earlier"):
         list(loader)
+
+
+@pytest.mark.parametrize("damage", ["header", "scan"])
+def test_crop_decode_names_the_sample_it_cannot_decode(small_data, damage):
+    """cpu: a damaged header is caught when the batch is planned, a failed decode by re-decoding the batches in
+    flight with PIL; both name the shard and the sample, and the loader refuses further use until restored."""
+    folder, manifest = small_data
+    record = manifest.shards[1]
+    key = corrupt_first_jpeg(folder, record) if damage == "header" else undefine_huffman_tables(folder, record)
+    loader = build_loader(cfg(folder, train=False, decode="cpu"))
+    why = "is not a JPEG" if damage == "header" else "is not a decodable image"
+    with pytest.raises(ShardFormatError, match=f"{record.file}: sample '{key}' {why}.*shard --verify"):
+        list(loader)
+    if damage == "scan":
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            list(loader)
+    else:  # found before decoding: the same error again, not a loader out of step
+        with pytest.raises(ShardFormatError, match=f"sample '{key}' {why}"):
+            list(loader)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,7 +418,7 @@ def test_corrupt_shard_found_while_reading_names_the_shard(small_data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI mixed decoding); the CPU tests cover "
                     "the same pipeline definition")
 def test_gpu_batches_match_the_cpu_path_and_resume(ids_data):
-    cpu_eval = run_epochs(build_loader(cfg(ids_data, train=False)), 1)
+    cpu_eval = run_epochs(build_loader(cfg(ids_data, train=False, decode="dali-cpu")), 1)
     gpu_loader = build_loader(cfg(ids_data, train=False, device="cuda"))
     gpu_eval = []
     for b in gpu_loader:
@@ -379,3 +438,31 @@ def test_gpu_batches_match_the_cpu_path_and_resume(ids_data):
     rest = [(b.images.cpu(), b.labels.cpu()) for _ in range(2) for b in resumed][: len(reference) - 7]
     assert all(torch.equal(a[1], b[1]) and (a[0].int() - b[0].int()).abs().max() <= 1
                for a, b in zip(rest, reference[7:], strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (--decode cpu resizes on the GPU); the CPU tests "
+                    "run the same resize on the CPU (tests/test_loader_transforms.py)")
+@pytest.mark.parametrize("train", [True, False])
+def test_crop_decode_on_the_gpu_matches_the_cpu_and_resumes(ids_data, train):
+    """--decode cpu on a GPU machine: windows decoded on CPU threads, resized, cropped and flipped on the GPU; the
+    same batches as on the CPU within rounding, and the same exact resume."""
+    config = cfg(ids_data, train=train, decode="cpu", drop_last=False)
+    cpu = run_epochs(build_loader(config), 2)
+    gpu_loader = build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False, device="cuda"))
+    assert gpu_loader.decode == "cpu"
+    gpu = []
+    for _ in range(2):
+        for b in gpu_loader:
+            assert b.images.device.type == b.labels.device.type == "cuda" and b.images.dtype == torch.uint8
+            gpu.append((b.images.cpu().numpy(), b.labels.tolist(), None if b.valid is None else b.valid.tolist()))
+    assert [b[1:] for b in gpu] == [b[1:] for b in cpu]
+    diff = np.abs(np.concatenate([b[0] for b in gpu]).astype(int) - np.concatenate([b[0] for b in cpu]))
+    assert diff.max() <= 2 and (diff > 1).mean() < 1e-3
+    first = build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False, device="cuda"))
+    consume(first, 4)
+    resumed = build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False, device="cuda"))
+    resumed.load_state_dict(first.state_dict())
+    rest = [(b.images.cpu().numpy(), b.labels.tolist(), None if b.valid is None else b.valid.tolist())
+            for _ in range(2) for b in resumed][: len(gpu) - 4]
+    assert same_batches(rest, gpu[4:])

@@ -41,13 +41,16 @@ def test_bench_pipeline_reports_every_row(tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["rows"]]
-    for prefix in ("(a) DALI", "(a') DALI", "(b) torch", "(c) original recipe", "(c') original recipe",
-                   "ceiling: PIL full decode of the stored", "ceiling: DALI CPU decode", "stage 4"):
+    for prefix in ("(a) crop-decode loader (decode=cpu)", "(a') DALI pipeline (decode=dali-cpu)", "(b) torch",
+                   "(c) original recipe", "(c') original recipe", "ceiling: PIL full decode of the stored",
+                   "ceiling: DALI CPU decode", "crop-decode 1:", "crop-decode 4:", "alt 2: DALI image_random_crop",
+                   "alt 3: PIL", "dali 4:", "(e) eval: crop-decode", "(e') eval: DALI"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     for row in report["rows"]:
         assert row["images_per_sec"] > 0 and row["cpu_ms_per_image"] > 0
     recipe = next(r for r in report["rows"] if r["name"].startswith("(c)"))
     assert recipe["x_recipe"] == 1.0
+    assert all(r["x_recipe"] is None for r in report["rows"] if r["name"].startswith("(e"))  # the recipe trains
     assert report["machine"]["cpu_cores"] >= 1 and report["settings"]["threads"] == 1
 
 

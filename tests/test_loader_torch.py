@@ -1,5 +1,7 @@
 """The torch backend: same interface and semantics as the DALI loader (labels, coverage, padding, determinism,
-exact resume) and the same eval pixels within interpolation rounding, on tiny synthetic and real ImageNet files."""
+exact resume); the same batches as the crop-decode path (shared plan, geometry and resize; PIL and DALI decode to the
+same pixels), and the same eval pixels as the DALI reference within interpolation rounding, on tiny synthetic and
+real ImageNet files."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from PIL import Image
 
 from pipeline.loaders.base import LoaderConfig
 from pipeline.loaders.build import build_loader
-from pipeline.loaders.torch_loader import buffer_shuffle
+from pipeline.loaders.plan import buffer_shuffle
 from pipeline.shards.shard_format import ClassEntry, Manifest, ShardFormatError, ShardWriter
 from tests.conftest import requires_shared, write_tiny_shards
 from tests.test_loader import (
@@ -69,10 +71,20 @@ def test_labels_match_the_images(ids_data):
             assert np.argmin(((base - img.reshape(-1, 3).mean(0)) ** 2).sum(1)) == lbl
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("world", [1, 2])
+def test_torch_backend_makes_the_crop_decode_batches(ids_data, world, train):
+    """Same seed, same batches, bit for bit: PIL decodes the whole image, DALI only the window, to the same pixels."""
+    for rank in range(world):
+        crop = run_epochs(build_loader(cfg(ids_data, train=train, decode="cpu", drop_last=False), rank, world), 2)
+        tv = run_epochs(build_loader(tcfg(ids_data, train=train, drop_last=False), rank, world), 2)
+        assert same_batches(crop, tv)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_eval_agrees_with_dali_on_labels_padding_and_pixels(ids_data, world):
     for rank in range(world):
-        dali = run_epochs(build_loader(cfg(ids_data, train=False), rank, world), 1)
+        dali = run_epochs(build_loader(cfg(ids_data, train=False, decode="dali-cpu"), rank, world), 1)
         tv = run_epochs(build_loader(tcfg(ids_data, train=False), rank, world), 1)
         assert [b[1] for b in dali] == [b[1] for b in tv]
         assert [b[2] for b in dali] == [b[2] for b in tv]
@@ -83,7 +95,7 @@ def test_eval_agrees_with_dali_on_labels_padding_and_pixels(ids_data, world):
 def test_float16_output_is_normalised(ids_data):
     u8 = run_epochs(build_loader(tcfg(ids_data, train=False)), 1)
     f16 = run_epochs(build_loader(tcfg(ids_data, train=False, output_dtype="float16")), 1)
-    dali16 = run_epochs(build_loader(cfg(ids_data, train=False, output_dtype="float16")), 1)
+    dali16 = run_epochs(build_loader(cfg(ids_data, train=False, output_dtype="float16", decode="dali-cpu")), 1)
     for a, b, c in zip(u8, f16, dali16, strict=True):
         assert b[0].dtype == np.float16
         np.testing.assert_allclose(b[0].astype(np.float32), (a[0] - np.array([123.675, 116.28, 103.53]))
@@ -159,22 +171,30 @@ def write_jpeg_shards(folder, jpegs: list[bytes], labels: list[int], per_shard: 
              totals={"written": len(jpegs)}).save(folder)
 
 
-def test_eval_pixels_agree_with_dali_on_real_imagenet_files(tmp_path):
+def stored_imagenet_jpegs(count: int) -> list[bytes]:
+    """The first `count` files of ../shared/data/imagenet-sample-500.tar as the sharding tool stores them (max side
+    512, quality 90, 4:2:0); skips the test without ../shared."""
     src = requires_shared("imagenet-sample-500.tar")
     jpegs = []
     with tarfile.open(src) as tf:
         for member in tf:
-            if member.isfile() and len(jpegs) < 10:
+            if member.isfile() and len(jpegs) < count:
                 im = Image.open(tf.extractfile(member)).convert("RGB")
                 im.thumbnail((512, 512), Image.Resampling.BOX)
                 buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=90, subsampling=2)  # as the sharding tool stores them
+                im.save(buf, "JPEG", quality=90, subsampling=2)
                 jpegs.append(buf.getvalue())
+    return jpegs
+
+
+def test_eval_pixels_agree_with_dali_on_real_imagenet_files(tmp_path):
+    jpegs = stored_imagenet_jpegs(10)
     folder = tmp_path / "real"
     write_jpeg_shards(folder, jpegs, list(range(len(jpegs))))
     common = dict(batch_size=5, img_size=224, train=False)
-    dali = run_epochs(build_loader(cfg(folder, **common)), 1)
+    dali = run_epochs(build_loader(cfg(folder, decode="dali-cpu", **common)), 1)
     tv = run_epochs(build_loader(tcfg(folder, **common)), 1)
+    assert same_batches(tv, run_epochs(build_loader(cfg(folder, decode="cpu", **common)), 1))
     assert [b[1] for b in dali] == [b[1] for b in tv] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     diff = np.abs(np.concatenate([d[0] for d in dali]).astype(int) - np.concatenate([t[0] for t in tv]))
     assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 2, (diff.mean(), np.percentile(diff, 99))
@@ -210,7 +230,7 @@ def test_no_worker_processes_outlive_the_loader(ids_data):
 
 def test_sample_reader_keeps_few_files_open(ids_data):
     from pipeline.loaders.base import ShardSet
-    from pipeline.loaders.torch_loader import SampleIndex, SampleReader
+    from pipeline.loaders.plan import SampleIndex, SampleReader
 
     index = SampleIndex.build(ShardSet.open(ids_data))
     reader = SampleReader(index, str(ids_data), max_open=2)

@@ -129,7 +129,7 @@ def test_a_corrupt_shard_met_by_the_dali_loader_names_shard_and_sample(tmp_path)
     write_tiny_shards(folder, num_samples=10, num_classes=2, per_shard=5, size=(24, 24))
     key = corrupt_sample(folder, 1, 2)
     loader = build_loader(LoaderConfig(data=str(folder), batch_size=5, img_size=16, device="cpu", num_threads=1,
-                                       train=False))
+                                       decode="dali-cpu", train=False))
     with pytest.raises(ShardFormatError) as info:
         list(loader)
     msg = str(info.value)

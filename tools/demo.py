@@ -10,7 +10,8 @@ Steps (docs/demo.md):
                 colour uninformative), or --data
   2. shards     the sharding library writes indexed WebDataset shards of the training split and of the held-out
                 split (val/ when present, else --holdout of every class), with the training split's class map
-  3. pipeline   images/s of the DALI training loader alone on those shards (`bench pipeline`'s row (a))
+  3. pipeline   images/s of the default training loader alone on those shards (`bench pipeline`'s row (a) on a
+                CPU, (a') on a GPU)
   4. compare    train/compare/runner.py: SupMAE and MAE (the demo recipes) pre-trained with the real trainer and
                 pipeline to the same compute budget, their checkpoints (untrained, along the way, final)
                 evaluated with k-NN, then the compute-to-accuracy analysis (`bench compute`)
@@ -106,19 +107,22 @@ def make_builtin_data(root: Path, shapes: dict[str, int], seed: int, say) -> Pat
 
 
 def pipeline_rate(train: Path, cfg, images: int, repeats: int) -> dict[str, Any]:
-    """images/s of the DALI training loader alone on the shards, with the first recipe's batch, size and threads
-    (bench pipeline's row (a), measured the same way)."""
-    from tools.bench.pipeline import PipelineBenchConfig, dali_row, measure_interleaved
+    """images/s of the default training loader alone on the shards, with the first recipe's batch, size and threads
+    (bench pipeline's row (a) without a GPU, (a') with one, measured the same way)."""
+    from pipeline.loaders.base import resolve_device
+    from tools.bench.pipeline import PipelineBenchConfig, loader_row, measure_interleaved
     from train.compare.runner import run_config
 
     tc = run_config(cfg, cfg.recipes[0], Path(cfg.out))
+    device = "cpu" if cfg.device == "cpu" else "auto"
+    which = "dali" if resolve_device(device).type == "cuda" else "cpu"  # the default path on this device
     pcfg = PipelineBenchConfig(data=str(train), imagefolder=str(train), batch_size=tc.batch_size,
                                img_size=tc.img_size, threads=tc.data_threads,
-                               device="cpu" if cfg.device == "cpu" else "auto", images=images, rows=("dali",),
+                               device=device, images=images, rows=(which,),
                                warmup=1, repeats=repeats)
-    row = dali_row(pcfg, "uint8")
+    row = loader_row(pcfg, which)
     m = measure_interleaved([row], pcfg)[row.name]
-    return {"what": f"data pipeline alone: DALI train loader ({row.note})", "images/s": m.rate,
+    return {"what": f"data pipeline alone: {row.name} ({row.note})", "images/s": m.rate,
             "spread": f"±{m.timing.spread:.1%}", "data wait": None, "vs step alone": None}
 
 
@@ -164,7 +168,7 @@ def run_demo(cfg: DemoConfig, say=print) -> tuple[Any, Path]:
     train, val = shard_imagefolder(source, out / "shards", name="" if cfg.data else "shapes", holdout=cfg.holdout,
                                    seed=cfg.seed, max_side=max(64, 4 * img_size), say=say)
     comparison = cfg.comparison(train, val)
-    say("pipeline: timing the DALI training loader alone ...")
+    say("pipeline: timing the training loader alone ...")
     throughput = [pipeline_rate(train, comparison, images=256 if cfg.quick else 4096, repeats=2 if cfg.quick else 3)]
     t_compare = time.monotonic()
     outcome = run_comparison(comparison, say=say)

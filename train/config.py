@@ -31,6 +31,7 @@ SWITCHES = ("auto", "on", "off")
 SWITCH_FIELDS = ("compile", "fused_masking")  # auto/on/off fields: --no-X means --X off
 DEVICES = ("auto", "cuda", "cpu")
 DATA_BACKENDS = ("dali", "torch")
+DECODES = ("auto", "gpu", "cpu", "dali-cpu")  # pipeline.loaders.base.DECODES
 DISPLAYS = ("auto", "live", "plain", "off")
 # Set from the training data set's manifest when not given (`--num-classes` overrides).
 AUTO_MODEL_FIELDS = ("num_classes",)
@@ -82,6 +83,9 @@ class RunConfig:
     compile: str = _f("auto", "torch.compile: auto (on for CUDA) | on | off  (--no-compile = off)")
     seed: int = _f(0, "seed of weights, augmentation and data order")
     data_backend: str = _f("dali", "dali | torch")
+    decode: str = _f("auto", "where JPEGs are decoded (dali backend): gpu = nvJPEG + GPU resize (default on a GPU), "
+                     "cpu = crop-window decode on CPU threads + resize on the output device (default without a "
+                     "GPU), dali-cpu = the GPU pipeline on DALI's CPU backend")
     data_threads: int = _f(4, "loader threads per process (DALI CPU threads / DataLoader workers)")
 
     def __post_init__(self) -> None:
@@ -92,6 +96,7 @@ class RunConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("compile", self.compile, SWITCHES)
         _check_choice("data_backend", self.data_backend, DATA_BACKENDS)
+        _check_choice("decode", self.decode, DECODES)
         for name in ("batch_size", "data_threads"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         for name in ("eval_batch_size", "seed"):

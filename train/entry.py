@@ -208,10 +208,10 @@ def run_environment(trainer: Trainer, env: DistEnv) -> dict[str, Any]:
 
 
 def build_eval_loader(data: str, batch_size: int, img_size: int, backend: str, threads: int, seed: int,
-                      env: DistEnv) -> Loader:
+                      env: DistEnv, decode: str = "auto") -> Loader:
     """This rank's eval loader over `data` (resize + centre crop, every sample once, in order) on the run's device."""
     return build_loader(LoaderConfig(
-        data=data, batch_size=batch_size, img_size=img_size, train=False, backend=backend,
+        data=data, batch_size=batch_size, img_size=img_size, train=False, backend=backend, decode=decode,
         device="cuda" if env.device.type == "cuda" else "cpu", num_threads=threads, seed=seed,
     ), env.rank, env.world_size)
 
@@ -222,14 +222,14 @@ def build_loaders(cfg: LoopConfig, env: DistEnv, img_size: int, eval_data: str =
     loader (`build_eval_loader`), both on the run's device."""
     loader = build_loader(LoaderConfig(
         data=cfg.data, batch_size=cfg.batch_size, img_size=img_size, train=True, backend=cfg.data_backend,
-        device="cuda" if env.device.type == "cuda" else "cpu", num_threads=cfg.data_threads, seed=cfg.seed,
-        random_area=cfg.random_area, random_aspect_ratio=cfg.random_aspect_ratio, shuffle_buffer=cfg.shuffle_buffer,
+        decode=cfg.decode, device="cuda" if env.device.type == "cuda" else "cpu", num_threads=cfg.data_threads,
+        seed=cfg.seed, random_area=cfg.random_area, random_aspect_ratio=cfg.random_aspect_ratio, shuffle_buffer=cfg.shuffle_buffer,
         **augment,
     ), env.rank, env.world_size)
     if not eval_data:
         return loader, None
     return loader, build_eval_loader(eval_data, cfg.eval_batch_size or cfg.batch_size, img_size, cfg.data_backend,
-                                     cfg.data_threads, cfg.seed, env)
+                                     cfg.data_threads, cfg.seed, env, cfg.decode)
 
 
 def open_run_log(cfg: LoopConfig, env: DistEnv, resume: tuple[str, dict] | None, title: str) -> RunLog:

@@ -2,14 +2,16 @@
 
 `pipeline.loaders.build.build_loader` validates a shard folder and makes the configured backend.
 
-Two backends read the same shard folder (`pipeline.shards.shard_format`) with the same semantics:
+Paths that read the same shard folder (`pipeline.shards.shard_format`) with the same semantics:
 
-* `backend="dali"` (`pipeline.loaders.dali_loader`): DALI decodes and augments, on the GPU (`mixed` nvJPEG decoding) or on
-  the CPU backend; the fast path.
-* `backend="torch"` (`pipeline.loaders.torch_loader`): PIL + torchvision transforms in `DataLoader` workers; for machines
-  without DALI and as the baseline of `./launch.sh bench pipeline`.
+* `backend="dali"`, `decode="gpu"` (`pipeline.loaders.dali_loader`): DALI decodes (`mixed` nvJPEG) and augments on
+  the GPU; `decode="dali-cpu"` runs the same pipeline on DALI's CPU backend (its twin, the reference).
+* `backend="dali"`, `decode="cpu"` (`pipeline.loaders.crop_decode`): DALI decodes only the crop window on CPU
+  threads, torch resizes (PIL's bicubic) and flips on the output device; the default without a GPU.
+* `backend="torch"` (`pipeline.loaders.torch_loader`): PIL decoding in `DataLoader` workers, then the crop-decode
+  path's geometry and resize (the same batches); for machines without DALI.
 
-Semantics shared by both (docs/data-pipeline.md has the user-facing version):
+Semantics shared by all (docs/data-pipeline.md has the user-facing version):
 
 * Rank sharding is DALI's: over the epoch's sample sequence (all shards concatenated in the epoch's shard order),
   rank r reads the contiguous range [N*r//W, N*(r+1)//W) (`RankLayout`), so over one epoch the ranks together read
@@ -54,6 +56,10 @@ from pipeline.shards.shard_format import (
 
 BACKENDS = ("dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
+# Where the dali backend decodes and resizes (see `resolve_decode`): "gpu" DALI mixed nvJPEG + GPU operators;
+# "cpu" crop-window decoding on CPU threads, then torch's resize and flip on the output device; "dali-cpu" the GPU
+# pipeline's operators on DALI's CPU backend (its twin, the reference); "auto" = "gpu" on CUDA, else "cpu".
+DECODES = ("auto", "gpu", "cpu", "dali-cpu")
 OUTPUT_DTYPES = ("uint8", "float16")
 # "pretrain": random-resized crop + flip (MAE / SupMAE pre-training, linear probing); "finetune": the same followed
 # by RandAugment(randaug_n ops, magnitude randaug_m) as in MAE's fine-tuning recipe.
@@ -85,6 +91,7 @@ class LoaderConfig:
     train: bool = True  # train: random crop+flip, shuffled, drop_last by default; eval: resize+centre crop, once
     backend: str = "dali"  # "dali" | "torch"
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda"
+    decode: str = "auto"  # dali backend: "auto" | "gpu" | "cpu" | "dali-cpu" (see DECODES, resolve_decode)
     output_dtype: str = "uint8"  # "uint8" (model normalises) | "float16" (normalised with ImageNet mean/std)
     num_threads: int = 4  # DALI CPU threads / torch DataLoader workers (0: in the main process)
     seed: int = 0
@@ -108,6 +115,9 @@ class LoaderConfig:
         _require(isinstance(self.train, bool), "train", self.train, "True or False")
         _require(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         _require(self.device in DEVICES, "device", self.device, f"one of {DEVICES}")
+        _require(self.decode in DECODES, "decode", self.decode, f"one of {DECODES}")
+        _require(self.backend == "dali" or self.decode in ("auto", "cpu"), "decode", self.decode,
+                 "'auto' or 'cpu' with backend='torch' (it decodes with PIL on the CPU)")
         _require(self.output_dtype in OUTPUT_DTYPES, "output_dtype", self.output_dtype, f"one of {OUTPUT_DTYPES}")
         _require(_is_int(self.num_threads) and self.num_threads >= 0, "num_threads", self.num_threads, "an int >= 0")
         if self.backend == "dali":
@@ -150,9 +160,10 @@ class LoaderConfig:
         """The settings that decide which batches come out; a saved position only fits a loader with the same ones.
 
         Not included (they change speed, not results): device, num_threads, prefetch, hw_decoder_load, data (the
-        folder may move; the data identity is checked separately).
+        folder may move; the data identity is checked separately); decode is resolved for the device and added by
+        the loader (`LoaderBase._fingerprint`).
         """
-        skip = {"data", "device", "num_threads", "prefetch", "hw_decoder_load"}
+        skip = {"data", "device", "decode", "num_threads", "prefetch", "hw_decoder_load"}
         if self.augment == "pretrain":
             # Positions saved before the augment option existed stay valid: the default adds nothing.
             skip |= {"augment", "randaug_n", "randaug_m"}
@@ -209,6 +220,30 @@ def resolve_device(device: str) -> torch.device:
             raise ValueError("LoaderConfig.device='cuda' but CUDA is not available; use device='auto' or 'cpu'")
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def resolve_decode(cfg: LoaderConfig, device: torch.device) -> str:
+    """The decoding path of `cfg` on `device`: "gpu", "cpu" or "dali-cpu" (backend "torch": always "cpu").
+
+    "auto" is "gpu" on a CUDA device and "cpu" (crop-decode on CPU threads + torch resize) on the CPU, except with
+    RandAugment ("cpu" does not run it): then "dali-cpu". "gpu" needs a CUDA device; "dali-cpu" yields CPU batches,
+    so it needs device "cpu".
+    """
+    if cfg.backend == "torch":
+        return "cpu"
+    decode = cfg.decode
+    if decode == "auto":
+        return "gpu" if device.type == "cuda" else "dali-cpu" if cfg.randaugment else "cpu"
+    if decode == "cpu" and cfg.randaugment:
+        raise ValueError("LoaderConfig.decode='cpu' does not run RandAugment (augment='finetune'; DALI applies it "
+                         "after its own resize): use decode='gpu' on a GPU, 'dali-cpu' on a CPU, or backend='torch'")
+    if decode == "gpu" and device.type != "cuda":
+        raise ValueError("LoaderConfig.decode='gpu' needs a CUDA device (device='cuda', or 'auto' on a GPU machine); "
+                         "use decode='cpu' (or 'auto') on a machine without a GPU")
+    if decode == "dali-cpu" and device.type != "cpu":
+        raise ValueError("LoaderConfig.decode='dali-cpu' runs the whole pipeline on DALI's CPU backend and yields CPU "
+                         "batches: use it with device='cpu'; on a GPU use decode='gpu' or 'cpu'")
+    return decode
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -358,6 +393,7 @@ class LoaderBase:
         self.shards = shards
         self.layout = layout
         self.device = device
+        self.decode = resolve_decode(cfg, device)  # "gpu", "cpu" or "dali-cpu"
         self.num_samples = shards.num_samples
         self.num_classes = shards.num_classes
         self.batches_per_epoch = layout.batches_per_epoch
@@ -403,13 +439,19 @@ class LoaderBase:
     # -- state ---------------------------------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {
+        fingerprint = {
             "data": self.shards.identity,
             "num_samples": self.num_samples,
             "rank": self.layout.rank,
             "world_size": self.layout.world_size,
             **self.cfg.result_fingerprint(),
         }
+        if self.decode == "cpu":
+            # Crop-decode (and the torch backend, which shares its plan and draws) draws its crops otherwise than
+            # DALI's operators and than the torch backend before it; "gpu" and "dali-cpu" are one pipeline on two
+            # devices (a position moves between them), so they add nothing and their older positions stay valid.
+            fingerprint["decode"] = "cpu"
+        return fingerprint
 
     def state_dict(self) -> dict:
         return {

@@ -6,7 +6,14 @@ backend imports them, and they import the base, never the other way round.
 
 from __future__ import annotations
 
-from pipeline.loaders.base import LoaderBase, LoaderConfig, RankLayout, ShardSet, resolve_device
+from pipeline.loaders.base import (
+    LoaderBase,
+    LoaderConfig,
+    RankLayout,
+    ShardSet,
+    resolve_decode,
+    resolve_device,
+)
 
 
 def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> LoaderBase:
@@ -17,13 +24,20 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> Loade
     shards = ShardSet.open(cfg.data)
     layout = RankLayout(shards.num_samples, world_size, rank, cfg.batch_size, bool(cfg.drop_last))
     device = resolve_device(cfg.device)
-    if cfg.backend == "dali":
-        try:
-            from pipeline.loaders.dali_loader import DaliLoader
-        except ImportError as e:
-            raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); run `./launch.sh setup` or use "
-                              "backend='torch'") from e
-        return DaliLoader(cfg, shards, layout, device)
-    from pipeline.loaders.torch_loader import TorchLoader
+    decode = resolve_decode(cfg, device)
+    if cfg.backend == "torch":
+        from pipeline.loaders.torch_loader import TorchLoader
 
-    return TorchLoader(cfg, shards, layout, device)
+        return TorchLoader(cfg, shards, layout, device)
+    try:
+        import nvidia.dali  # noqa: F401  (both dali paths decode with it)
+    except ImportError as e:
+        raise ImportError(f"backend='dali' needs NVIDIA DALI ({e}); run `./launch.sh setup` or use "
+                          "backend='torch'") from e
+    if decode == "cpu":
+        from pipeline.loaders.crop_decode import CropDecodeLoader
+
+        return CropDecodeLoader(cfg, shards, layout, device)
+    from pipeline.loaders.dali_loader import DaliLoader
+
+    return DaliLoader(cfg, shards, layout, device)

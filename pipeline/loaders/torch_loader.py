@@ -1,37 +1,34 @@
-"""The torch backend: webdataset tar reading + PIL + torchvision transforms in `DataLoader` workers.
+"""The torch backend: PIL decoding + the recipe's crop, resize and flip in `DataLoader` workers.
 
-For machines without DALI, and the baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
+For machines without DALI, and a baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
 semantics as the DALI loader (`pipeline.loaders.base`): DALI's rank ranges and padding (`RankLayout`), labels from the
 `.lbl` member, train = shard order reshuffled per epoch from the seed (same on every rank) + a shuffle buffer of
 `shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ torchvision's RandAugment with
 augment="finetune": the operation set and magnitude ranges of DALI's suite, bilinear warps, grey fill), eval =
 Resize(int(S / crop_ratio), bicubic) + CenterCrop(S) in shard order.
 
+It shares the plan (`pipeline.loaders.plan`), the geometry and the resize (`pipeline.loaders.transforms`) with the
+crop-decode path (`decode="cpu"`, `pipeline.loaders.crop_decode`): the same seed gives the same batches, decoded by
+PIL (the whole image) instead of DALI (the window only); libjpeg-turbo decodes both, to the same pixels. The
+resize is torch's uint8 port of PIL's bicubic filter (about 5x faster than PIL's own).
+
 Exact resume without replaying: the epoch's whole plan (which sample goes to which batch position) is a pure
-function of (seed, epoch, rank), computed up front from the DALI index files, and each sample's augmentation
-draws come from its own seed (seed, epoch, rank, position). Batch b is therefore the same whichever worker makes
-it and however many workers there are; restoring a position is starting the epoch's batch sampler at b. Workers
-read a sample's members with one positioned read of its span (offsets from the index) and parse them with the
-webdataset library's tar iterator (WebDataset key/extension rules); the buffer shuffle keeps reads within a window
-of about `shuffle_buffer` consecutive samples, as with DALI, so the page cache and read-ahead still work.
+function of (seed, epoch, rank), computed up front from the DALI index files, and each batch's augmentation draws
+come from its own generator (seed, rank, epoch, batch). Batch b is therefore the same whichever worker makes it and
+however many workers there are; restoring a position is starting the epoch's batch sampler at b.
 """
 
 from __future__ import annotations
 
-import io
-import os
+import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.loaders.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     RANDAUG_BINS,
     RANDAUG_FILL,
     Batch,
@@ -39,204 +36,10 @@ from pipeline.loaders.base import (
     LoaderConfig,
     RankLayout,
     ShardSet,
-    derive_seed,
 )
-from pipeline.shards.shard_format import (
-    IMAGE_EXT,
-    LABEL_EXT,
-    TAR_BLOCK,
-    VERIFY_HINT,
-    ShardFormatError,
-    decode_label,
-    parse_index,
-    split_member_name,
-)
-
-
-@dataclass(frozen=True)
-class SampleIndex:
-    """Where every sample of a shard folder lives, from the DALI index files; global id = position in manifest order.
-
-    Per sample: `tar` (shard number), `span` [start, end) covering the tar headers and data of its image and label
-    members (read in one pread), `key`.
-    """
-
-    tars: tuple[str, ...]
-    tar: np.ndarray  # (N,) int32
-    span_start: np.ndarray  # (N,) int64
-    span_end: np.ndarray  # (N,) int64
-    keys: tuple[str, ...]
-    shard_starts: np.ndarray  # (num_shards + 1,) first global id of each shard, then N
-
-    @classmethod
-    def build(cls, shards: ShardSet) -> SampleIndex:
-        tar, start, end, keys = [], [], [], []
-        for t, (index_path, size) in enumerate(zip(shards.indexes, shards.sizes, strict=True)):
-            samples = parse_index(index_path)
-            if len(samples) != size:
-                raise ShardFormatError(f"{index_path}: lists {len(samples)} samples, the manifest says {size}; "
-                                       + VERIFY_HINT.format(root=shards.folder))
-            for comps in samples:
-                by_ext = {c.ext: c for c in comps}
-                if IMAGE_EXT not in by_ext or LABEL_EXT not in by_ext:
-                    raise ShardFormatError(f"{index_path}: sample {comps[0].name} lacks .{IMAGE_EXT} or "
-                                           f".{LABEL_EXT}; " + VERIFY_HINT.format(root=shards.folder))
-                first = min(by_ext[IMAGE_EXT].offset, by_ext[LABEL_EXT].offset)
-                last = max(c.offset + c.size for c in (by_ext[IMAGE_EXT], by_ext[LABEL_EXT]))
-                tar.append(t)
-                # The format writes plain ustar headers (no long-name records): each sits one block before its data.
-                start.append(first - TAR_BLOCK)
-                end.append(last + (-last % TAR_BLOCK))
-                keys.append(split_member_name(by_ext[IMAGE_EXT].name)[0])
-        return cls(
-            tars=tuple(str(p) for p in shards.tars),
-            tar=np.asarray(tar, np.int32),
-            span_start=np.asarray(start, np.int64),
-            span_end=np.asarray(end, np.int64),
-            keys=tuple(keys),
-            shard_starts=np.concatenate([[0], np.cumsum(shards.sizes)]).astype(np.int64),
-        )
-
-
-class SampleReader:
-    """Reads (jpeg bytes, label) of a sample by global id; one per process (file handles are not shared).
-
-    Keeps at most `max_open` shard files open (least recently used closed first): a worker of an ImageNet-sized
-    folder would otherwise hold a thousand descriptors, while the buffer shuffle reads from a couple at a time.
-    """
-
-    def __init__(self, index: SampleIndex, root: str, max_open: int = 16):
-        self.index = index
-        self.root = root
-        self.max_open = max_open
-        self._files: OrderedDict[int, io.FileIO] = OrderedDict()
-
-    def _file(self, t: int) -> io.FileIO:
-        f = self._files.get(t)
-        if f is None:
-            if len(self._files) >= self.max_open:
-                self._files.popitem(last=False)[1].close()
-            f = self._files[t] = io.FileIO(self.index.tars[t], "r")
-        else:
-            self._files.move_to_end(t)
-        return f
-
-    def read(self, sid: int) -> tuple[bytes, int]:
-        import webdataset.tariterators as wds_tar
-
-        ix = self.index
-        t = int(ix.tar[sid])
-        path, key = ix.tars[t], ix.keys[sid]
-        try:
-            length = int(ix.span_end[sid] - ix.span_start[sid])
-            span = os.pread(self._file(t).fileno(), length, int(ix.span_start[sid]))
-            if len(span) != length:
-                raise ValueError(f"short read ({len(span)} of {length} bytes)")
-            members = ({**m, "__url__": path} for m in wds_tar.tar_file_iterator(io.BytesIO(span)))
-            sample = next(iter(wds_tar.group_by_keys(members)))
-            if sample["__key__"] != key:
-                raise ValueError(f"found member key {sample['__key__']!r} where the index says {key!r}")
-            return sample[IMAGE_EXT], decode_label(sample[LABEL_EXT])
-        except Exception as e:
-            raise ShardFormatError(f"{path}: sample {key!r} cannot be read ({e}); "
-                                   + VERIFY_HINT.format(root=self.root)) from e
-
-    def close(self) -> None:
-        while self._files:
-            self._files.popitem()[1].close()
-
-
-def buffer_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
-    """(n,) permutation of range(n) as a shuffle buffer of `buffer` items produces it (each output drawn uniformly
-    from the buffer, refilled in order), so positions move by about `buffer` at most and reads stay local."""
-    out = np.empty(n, np.int64)
-    buf = list(range(min(buffer, n)))
-    nxt = len(buf)
-    draws = rng.random(n)
-    for i in range(n):
-        j = int(draws[i] * len(buf))
-        out[i] = buf[j]
-        if nxt < n:
-            buf[j] = nxt
-            nxt += 1
-        else:
-            buf[j] = buf[-1]
-            buf.pop()
-    return out
-
-
-class SampleTransform:
-    """PIL image -> (S, S, 3) uint8: train RandomResizedCrop(bicubic) + flip (+ RandAugment) from a per-sample seed;
-    eval Resize(int(S / crop_ratio), bicubic) + CenterCrop(S). Seeded draws keep the caller's torch RNG untouched."""
-
-    def __init__(self, cfg: LoaderConfig):
-        self.train = cfg.train
-        self.size = cfg.img_size
-        self.resize = cfg.eval_resize
-        self.area = cfg.random_area
-        self.ratio = cfg.random_aspect_ratio
-        self.randaugment = None
-        if cfg.randaugment:
-            import torchvision.transforms as T
-
-            self.randaugment = T.RandAugment(cfg.randaug_n, cfg.randaug_m, RANDAUG_BINS,
-                                             T.InterpolationMode.BILINEAR, [RANDAUG_FILL] * 3)
-
-    def __call__(self, img, seed: int) -> np.ndarray:
-        import torchvision.transforms as T
-        import torchvision.transforms.functional as F
-
-        bicubic = T.InterpolationMode.BICUBIC
-        if self.train:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.area), list(self.ratio))
-                flip = bool(torch.rand(()) < 0.5)
-                img = F.resized_crop(img, i, j, h, w, [self.size, self.size], bicubic, antialias=True)
-                if flip:
-                    img = F.hflip(img)
-                if self.randaugment is not None:
-                    img = self.randaugment(img)  # its draws follow the crop's and the flip's
-        else:
-            img = F.center_crop(F.resize(img, self.resize, bicubic, antialias=True), [self.size, self.size])
-        return np.asarray(img)
-
-
-@dataclass(frozen=True)
-class EpochPlanner:
-    """Which sample goes to which batch position of an epoch on this rank: a pure function of (seed, epoch, rank)."""
-
-    shard_starts: np.ndarray  # (num_shards + 1,) from SampleIndex
-    layout: RankLayout
-    train: bool
-    seed: int
-    shuffle_buffer: int
-
-    def plan(self, epoch: int) -> np.ndarray:
-        """(batches_per_epoch * batch_size,) global sample ids, in batch order.
-
-        Shards are concatenated in the epoch's order (train: a permutation drawn from (seed, epoch), the same on
-        every rank; eval: manifest order), the rank takes its `RankLayout` range, train shuffles it through a
-        buffer (seed, rank, epoch), and DALI's padding (the last sample repeated) completes the reader's batches.
-        """
-        layout, starts = self.layout, self.shard_starts
-        num_shards = len(starts) - 1
-        if self.train:
-            order = np.random.default_rng(derive_seed(self.seed, "torch-shard-order", epoch)).permutation(num_shards)
-        else:
-            order = np.arange(num_shards)
-        sequence = np.concatenate([np.arange(starts[t], starts[t + 1]) for t in order])
-        lo, hi = layout.shard_range(layout.rank)
-        mine = sequence[lo:hi]
-        if self.train:
-            rng = np.random.default_rng(derive_seed(self.seed, "torch-buffer", layout.rank, epoch))
-            mine = mine[buffer_shuffle(len(mine), self.shuffle_buffer, rng)]
-        padded = layout.reader_batches * layout.batch_size
-        mine = np.concatenate([mine, np.full(padded - len(mine), mine[-1], np.int64)])
-        return mine[: layout.batches_per_epoch * layout.batch_size]
-
-    def augment_seed(self, epoch: int) -> int:
-        return derive_seed(self.seed, "torch-augment", self.layout.rank, epoch)
+from pipeline.loaders.plan import EpochPlanner, SampleIndex, SampleReader, plan_for
+from pipeline.loaders.transforms import assemble_cpu, eval_geometry, normalise, train_geometry
+from pipeline.shards.shard_format import VERIFY_HINT, ShardFormatError
 
 
 class PlannedBatches(Dataset):
@@ -247,9 +50,13 @@ class PlannedBatches(Dataset):
         self.index = index
         self.root = root
         self.planner = planner
-        self.batch_size = cfg.batch_size
-        self.float16 = cfg.output_dtype == "float16"
-        self.transform = SampleTransform(cfg)
+        self.cfg = cfg
+        self.randaugment = None
+        if cfg.randaugment:
+            import torchvision.transforms as T
+
+            self.randaugment = T.RandAugment(cfg.randaug_n, cfg.randaug_m, RANDAUG_BINS,
+                                             T.InterpolationMode.BILINEAR, [RANDAUG_FILL] * 3)
         self._reader: SampleReader | None = None
         self._epoch: int | None = None
         self._plan = np.empty(0, np.int64)
@@ -258,41 +65,61 @@ class PlannedBatches(Dataset):
     def __len__(self) -> int:
         return self.planner.layout.batches_per_epoch
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, sid: int) -> np.ndarray:
+        """(H, W, 3) uint8: the whole image, opened the project's one way (pipeline.shards.imagefile)."""
         from pipeline.shards.imagefile import STORED_FORMATS, load_image, open_image
 
+        jpeg = bytes(self._reader.read(sid)[0])  # the reader's view into the shard; the checks need bytes
+        try:
+            im = open_image(jpeg, formats=STORED_FORMATS)
+            load_image(im, jpeg)
+            return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise ShardFormatError(f"{self.index.where(sid)} is not a decodable image ({e}); "
+                                   + VERIFY_HINT.format(root=self.root)) from e
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, b = item
         if epoch != self._epoch:
             self._plan, self._augment_seed, self._epoch = self.planner.plan(epoch), self.planner.augment_seed(epoch), epoch
         if self._reader is None:
             self._reader = SampleReader(self.index, self.root)
-        n, size = self.batch_size, self.transform.size
-        images = np.empty((n, size, size, 3), np.uint8)
-        labels = np.empty(n, np.int64)
-        prev = None
+        cfg, n = self.cfg, self.cfg.batch_size
+        ids = self._plan[b * n : (b + 1) * n]
+        labels = np.asarray([self._reader.read(int(sid))[1] for sid in ids], np.int64)
+        decoded: dict[int, np.ndarray] = {}
+        for sid in ids:
+            if int(sid) not in decoded:  # padding repeats the last sample: decode it once
+                decoded[int(sid)] = self._decode(int(sid))
+        images = [decoded[int(sid)] for sid in ids]
+        heights = np.asarray([im.shape[0] for im in images])
+        widths = np.asarray([im.shape[1] for im in images])
+        if cfg.train:
+            geometry = train_geometry(heights, widths, cfg.img_size, cfg.random_area, cfg.random_aspect_ratio,
+                                      self.planner.augment_rng(epoch, b))
+        else:
+            geometry = eval_geometry(heights, widths, cfg.eval_resize, cfg.img_size)
+        with warnings.catch_warnings():  # PIL's arrays are read-only; they are only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            crops = [torch.from_numpy(im)[t : t + h, left : left + w]
+                     for im, (t, left, h, w) in zip(images, geometry.window.tolist(), strict=True)]
+        out = torch.empty(n, cfg.img_size, cfg.img_size, 3, dtype=torch.uint8)
+        assemble_cpu(crops, geometry, cfg.img_size, out, range(n))
+        if self.randaugment is not None:
+            self._rand_augment(out, b)
+        return (normalise(out) if cfg.output_dtype == "float16" else out), torch.from_numpy(labels)
+
+    def _rand_augment(self, images: torch.Tensor, b: int) -> None:
+        """torchvision's RandAugment on each (S, S, 3) image in place, from a per-sample seed (the caller's torch RNG
+        is left untouched)."""
+        from PIL import Image
+
+        n = self.cfg.batch_size
         for k in range(n):
-            position = b * n + k
-            sid = int(self._plan[position])
-            if sid == prev and not self.transform.train:
-                # Padding repeats the last sample; eval output is deterministic, so reuse it.
-                images[k], labels[k] = images[k - 1], labels[k - 1]
-                continue
-            jpeg, labels[k] = self._reader.read(sid)
-            try:
-                im = open_image(jpeg, formats=STORED_FORMATS)  # the project's one way to open an image it reads
-                load_image(im, jpeg)
-                img = im.convert("RGB")
-            except Exception as e:
-                raise ShardFormatError(f"{self.index.tars[self.index.tar[sid]]}: sample {self.index.keys[sid]!r} "
-                                       f"is not a decodable image ({e}); " + VERIFY_HINT.format(root=self.root)) from e
-            images[k] = self.transform(img, (self._augment_seed * 1_000_003 + position) % 2**63)
-            prev = sid
-        out = torch.from_numpy(images)
-        if self.float16:
-            mean = torch.tensor(IMAGENET_MEAN) * 255
-            std = torch.tensor(IMAGENET_STD) * 255
-            out = ((out.float() - mean) / std).half()
-        return out, torch.from_numpy(labels)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self._augment_seed * 1_000_003 + b * n + k) % 2**63)
+                img = self.randaugment(Image.fromarray(images[k].numpy()))
+            images[k].copy_(torch.from_numpy(np.asarray(img).copy()))
 
 
 class _PositionSampler:
@@ -321,8 +148,7 @@ class TorchLoader(LoaderBase):
 
     def __init__(self, cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, device: torch.device):
         super().__init__(cfg, shards, layout, device)
-        self.index = SampleIndex.build(shards)
-        self.planner = EpochPlanner(self.index.shard_starts, layout, cfg.train, cfg.seed, cfg.shuffle_buffer)
+        self.index, self.planner = plan_for(cfg, shards, layout)
         self._dataloader = self._make_dataloader()
 
     def _make_dataloader(self) -> DataLoader:
@@ -336,7 +162,7 @@ class TorchLoader(LoaderBase):
             persistent_workers=workers > 0,
             pin_memory=self.device.type == "cuda",
             # Its own generator: DataLoader draws a worker base seed per epoch, which must not consume the training
-            # loop's global RNG (masking noise would then depend on data loading). Augmentation is seeded per sample.
+            # loop's global RNG (masking noise would then depend on data loading). Augmentation is seeded per batch.
             generator=torch.Generator(),
         )
 

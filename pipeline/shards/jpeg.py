@@ -2,6 +2,7 @@
 --keep-original, the one EXIF orientation parser of the project, and where a file's entropy-coded data ends.
 
     scan_jpeg(data)          markers up to the first scan: SOF, EXIF orientation, Adobe transform, MPF, EOI present
+    jpeg_size(data)          (height, width) of the frame header only: the loaders' per-sample geometry
     exif_orientation(tiff)   orientation tag (0x0112) of an EXIF/TIFF block: SHORT or LONG, either byte order
     scan_end(data, header)   where the first scan's entropy-coded data ends, the marker that ends it, and whether its
                              restart markers come in sequence
@@ -70,16 +71,13 @@ def exif_orientation(tiff: bytes) -> int:
     return 1
 
 
-def scan_jpeg(data: bytes) -> JpegHeader | None:
-    """Walk the JPEG markers up to the first scan (no decoding); None when `data` is not a well-formed JPEG header.
-
-    EXIF is read from the first APP1 "Exif" segment, as Pillow and libjpeg-based readers do.
-    """
+def _header_segments(data: bytes | memoryview) -> tuple[list[tuple[int, int, int]], int] | None:
+    """(marker, payload start, payload end) of every marker segment up to the first start of scan, and the offset of
+    that SOS marker; None when `data` is not a well-formed JPEG header."""
     if data[:2] != b"\xff\xd8":
         return None
     pos, n = 2, len(data)
-    sof = None
-    orientation, adobe, mpf, exif_seen, restart = 1, None, False, False, 0
+    segments = []
     while pos + 4 <= n:
         if data[pos] != 0xFF:
             return None
@@ -93,13 +91,49 @@ def scan_jpeg(data: bytes) -> JpegHeader | None:
         (seglen,) = struct.unpack_from(">H", data, pos + 2)
         if seglen < 2 or pos + 2 + seglen > n:
             return None
-        seg = data[pos + 4 : pos + 2 + seglen]
+        segments.append((marker, pos + 4, pos + 2 + seglen))
+        if marker == SOS:  # start of scan: the header is over
+            return segments, pos
+        pos += 2 + seglen
+    return None
+
+
+def _frame(data: bytes | memoryview, segments: list[tuple[int, int, int]]) -> tuple[int, int, int, int, int] | None:
+    """(SOF marker, precision, width, height, components) of the last frame header before the scan, or None."""
+    frame = None
+    for marker, start, end in segments:
         if marker in _SOF_MARKERS:
-            if len(seg) < 6:
+            if end - start < 6:
                 return None
-            precision, height, width, comps = struct.unpack_from(">BHHB", seg)
-            sof = (marker, precision, width, height, comps)
-        elif marker == 0xE1 and seg[:6] == b"Exif\0\0" and not exif_seen:
+            precision, height, width, comps = struct.unpack_from(">BHHB", data, start)
+            frame = (marker, precision, width, height, comps)
+    return frame
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header without decoding (no EXIF orientation applied); None when `data`
+    is not a well-formed JPEG header. The loaders' per-sample geometry: no EXIF parsing, no copy of the data."""
+    header = _header_segments(data)
+    frame = _frame(data, header[0]) if header is not None else None
+    return None if frame is None else (frame[3], frame[2])
+
+
+def scan_jpeg(data: bytes) -> JpegHeader | None:
+    """Walk the JPEG markers up to the first scan (no decoding); None when `data` is not a well-formed JPEG header.
+
+    EXIF is read from the first APP1 "Exif" segment, as Pillow and libjpeg-based readers do.
+    """
+    header = _header_segments(data)
+    if header is None:
+        return None
+    segments, sos_offset = header
+    sof = _frame(data, segments)
+    if sof is None:
+        return None
+    orientation, adobe, mpf, exif_seen, restart = 1, None, False, False, 0
+    for marker, start, end in segments:
+        seg = data[start:end]
+        if marker == 0xE1 and seg[:6] == b"Exif\0\0" and not exif_seen:
             exif_seen = True
             orientation = exif_orientation(seg[6:])
         elif marker == 0xE2 and seg[:4] == b"MPF\0":
@@ -108,17 +142,10 @@ def scan_jpeg(data: bytes) -> JpegHeader | None:
             adobe = seg[11]
         elif marker == 0xDD and len(seg) >= 2:
             (restart,) = struct.unpack_from(">H", seg)
-        elif marker == SOS:  # start of scan: the header is over
-            break
-        pos += 2 + seglen
-    else:
-        return None
-    if sof is None:
-        return None
     # Decoders stop at EOI; some writers pad the file after it.
     has_eoi = data.rstrip(b"\0")[-2:] == b"\xff\xd9"
     return JpegHeader(*sof, orientation=orientation, adobe_transform=adobe, multi_picture=mpf, has_eoi=has_eoi,
-                      sos_offset=pos, restart_interval=restart)
+                      sos_offset=sos_offset, restart_interval=restart)
 
 
 @dataclass(frozen=True)

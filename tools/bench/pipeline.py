@@ -1,16 +1,22 @@
 """`./launch.sh bench pipeline`: images/s of the data pipelines on the same images and cores, side by side.
 
 Rows:
-  (a) DALI train loader (`pipeline.loaders.base`, backend="dali") on the shards, uint8 output (the default) and fp16
-  (b) the torch backend on the same shards
+  (a) the crop-decode train loader (`decode="cpu"`, the default without a GPU: DALI decodes the crop window on CPU
+      threads, torch's uint8 bicubic resizes it) on the shards, uint8 NHWC
+  (a') the reference DALI pipeline on the same shards (`decode="dali-cpu"`: the GPU pipeline's operators on DALI's
+      CPU backend; with --device cuda, `decode="gpu"`)
+  (b) the torch backend on the same shards (PIL decoding in DataLoader workers, the same geometry and resize)
   (c) the original MAE/SupMAE recipe: torchvision ImageFolder on the original JPEGs, RandomResizedCrop(224,
       (0.2, 1.0), bicubic) + flip + ToTensor + Normalize, DataLoader(num_workers=cores, batch 64, shuffle,
       drop_last) - as MAE's main_pretrain.py builds it (workers restart every epoch); (c') the same with
       persistent workers, a favour to the baseline on a small image set where epochs are short
   ceiling: decoding every stored image once on one core, times the cores (DALI's CPU decoder and PIL), and
       the same for the original files
-  stages: the DALI train pipeline built up one operator at a time on one thread (reader, decode, crop-decode,
-      resize, flip) - where (a)'s time goes
+  stages: (a) built up one step at a time on one thread (read, crop-decode, resize, flip) and the alternatives
+      measured for its decode and resize (`tools/bench/pipeline_stages.py`) - where (a)'s time goes
+  dali-stages: the same for (a') (reader, decode, crop-decode, cubic resize, flip)
+  eval: (e) the crop-decode loader and (e') the DALI pipeline as eval loaders (whole-image decode, resize of the
+      shorter side to 256, centre crop), measured with the loader rows (no recipe ratio: the recipe row trains)
 
 Loader rows are measured interleaved (one timed call of each row in turn, `repeats` rounds after a warm-up round),
 so background load on a shared machine hits every row alike; each call takes `--images` images from an endless
@@ -29,10 +35,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.bench.pipeline_stages import DALI_STAGES, cpu_per_call, crop_stage_rows, dali_stage_ms, per_image
 from tools.bench.report import BenchReport, Timing
 
-DESCRIPTION = "data pipeline images/s: DALI train loader vs torch backend vs the original ImageFolder recipe"
-ROWS = ("dali", "dali-fp16", "torch", "recipe", "recipe-persistent", "ceiling", "stages")
+DESCRIPTION = "data pipeline images/s: crop-decode and DALI loaders vs torch backend vs the original recipe"
+ROWS = ("cpu", "dali", "torch", "recipe", "recipe-persistent", "eval", "ceiling", "stages", "dali-stages")
 
 
 def _cores() -> int:
@@ -151,25 +158,30 @@ class StreamRow:
         return got
 
 
-def dali_row(cfg: PipelineBenchConfig, dtype: str) -> StreamRow:
-    from pipeline.loaders.base import LoaderConfig
+def loader_row(cfg: PipelineBenchConfig, row: str, train: bool = True) -> StreamRow:
+    """(a) crop-decode, (a') the reference DALI pipeline, (b) the torch backend: the project's loaders, uint8; with
+    `train=False` (rows (e), (e')) the same as eval loaders."""
+    from pipeline.loaders.base import LoaderConfig, resolve_device
     from pipeline.loaders.build import build_loader
 
-    loader = build_loader(LoaderConfig(cfg.data, cfg.batch_size, cfg.img_size, backend="dali", device=cfg.device,
-                                       output_dtype=dtype, num_threads=cfg.threads))
-    tag = "(a)" if dtype == "uint8" else "(a')"
-    return StreamRow(f"{tag} DALI train loader, {dtype}", endless(lambda: iter(loader)), lambda b: b.num_valid,
-                     f"{loader.device.type}, {cfg.threads} threads, crop-decode + cubic resize + flip")
-
-
-def torch_row(cfg: PipelineBenchConfig) -> StreamRow:
-    from pipeline.loaders.base import LoaderConfig
-    from pipeline.loaders.build import build_loader
-
-    loader = build_loader(LoaderConfig(cfg.data, cfg.batch_size, cfg.img_size, backend="torch", device=cfg.device,
-                                       num_threads=cfg.threads))
-    return StreamRow("(b) torch backend, uint8", endless(lambda: iter(loader)), lambda b: b.num_valid,
-                     f"{cfg.threads} DataLoader workers, PIL decode + torchvision bicubic crop")
+    reference = "gpu" if resolve_device(cfg.device).type == "cuda" else "dali-cpu"
+    backend, decode = {"cpu": ("dali", "cpu"), "dali": ("dali", reference), "torch": ("torch", "auto")}[row]
+    loader = build_loader(LoaderConfig(cfg.data, cfg.batch_size, cfg.img_size, backend=backend, decode=decode,
+                                       device=cfg.device, num_threads=cfg.threads, train=train))
+    name, note = {
+        "cpu": ("crop-decode loader (decode=cpu)", "DALI window decode + torch bicubic resize + flip, "
+                f"{cfg.threads} + {cfg.threads} threads, output on {loader.device.type}"),
+        "dali": (f"DALI pipeline (decode={loader.decode})", f"{loader.device.type}, {cfg.threads} threads, "
+                 "crop-decode + cubic resize + flip"),
+        "torch": ("torch backend", f"{cfg.threads} DataLoader workers, PIL decode + torch bicubic resize"),
+    }[row]
+    if train:
+        tag = {"cpu": "(a)", "dali": "(a')", "torch": "(b)"}[row]
+    else:
+        tag = {"cpu": "(e) eval:", "dali": "(e') eval:"}[row]
+        note = note.replace("window decode", "whole-image decode").replace("crop-decode", "decode") \
+            .replace(" + flip", ", shorter side + centre crop")
+    return StreamRow(f"{tag} {name}, uint8", endless(lambda: iter(loader)), lambda b: b.num_valid, note)
 
 
 def recipe_row(cfg: PipelineBenchConfig, root: Path, persistent: bool) -> StreamRow:
@@ -260,19 +272,6 @@ def measure_interleaved(rows: list[StreamRow], cfg: PipelineBenchConfig) -> dict
     return out
 
 
-def cpu_per_call(fn: Callable[[], object], warmup: int, repeats: int) -> Timing:
-    """CPU seconds (this process, all threads) per call of `fn`: single-threaded stage costs that background load
-    on a shared machine barely changes, unlike wall time."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        out.append(time.process_time() - t0)
-    return Timing(out)
-
-
 def pil_decode_all(jpegs: list[bytes]) -> Callable[[], None]:
     from PIL import Image
 
@@ -281,70 +280,6 @@ def pil_decode_all(jpegs: list[bytes]) -> Callable[[], None]:
             with Image.open(io.BytesIO(data)) as im:
                 im.convert("RGB").load()
     return decode_all
-
-
-STAGES = (
-    ("read", "stage 1: read shards"),
-    ("decode", "stage 2: + full decode"),
-    ("crop-decode", "stage 2': crop-decode instead"),
-    ("resize", "stage 3: + cubic antialiased resize"),
-    ("flip", "stage 4: + flip, NHWC uint8 = (a)"),
-    ("resize-noaa", "alt stage 3: cubic without antialias (not the recipe)"),
-    ("resize-linear", "alt stage 3: linear antialiased (not the recipe)"),
-)
-
-
-def dali_stage_pipeline(cfg: PipelineBenchConfig, stage: str):
-    """The train pipeline up to `stage`, on one CPU thread with a synchronous executor (so CPU time per run is the
-    cost of that run alone)."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
-
-    from pipeline.loaders.base import ShardSet
-
-    shards = ShardSet.open(cfg.data)
-    size = [cfg.img_size, cfg.img_size]
-
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=1, device_id=None, seed=0, exec_dynamic=False,
-                  exec_pipelined=False, exec_async=False)
-    def pipe():
-        jpegs, labels = fn.readers.webdataset(
-            paths=[str(p) for p in shards.tars], index_paths=[str(p) for p in shards.indexes],
-            ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64], random_shuffle=True, initial_fill=256,
-            pad_last_batch=True)
-        if stage == "read":
-            return labels
-        if stage == "decode":
-            return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
-                                               random_area=[0.2, 1.0], random_aspect_ratio=[0.75, 4 / 3])
-        if stage == "crop-decode":
-            return images
-        if stage == "resize-noaa":
-            return fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=False)
-        if stage == "resize-linear":
-            return fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
-        images = fn.resize(images, size=size, interp_type=types.INTERP_CUBIC, antialias=True)
-        if stage == "resize":
-            return images
-        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(), output_layout="HWC", dtype=types.UINT8)
-
-    p = pipe()
-    p.build()
-    return p
-
-
-def dali_stage_ms(cfg: PipelineBenchConfig, stage: str) -> Timing:
-    """CPU seconds per image of the pipeline up to `stage` (median over repeats of `images` images)."""
-    pipe = dali_stage_pipeline(cfg, stage)
-    runs = max(1, cfg.images // cfg.batch_size)
-
-    def call():
-        for _ in range(runs):
-            pipe.run()
-    timing = cpu_per_call(call, warmup=1, repeats=cfg.repeats)
-    return Timing([t / (runs * cfg.batch_size) for t in timing.seconds])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,25 +298,22 @@ def run(args: argparse.Namespace) -> BenchReport:
     root = imagefolder_root(cfg.imagefolder, cfg.cache) if {"recipe", "recipe-persistent", "ceiling"} & set(cfg.rows) \
         else None
 
-    rows: list[StreamRow] = []
-    if "dali" in cfg.rows:
-        rows.append(dali_row(cfg, "uint8"))
-    if "dali-fp16" in cfg.rows:
-        rows.append(dali_row(cfg, "float16"))
-    if "torch" in cfg.rows:
-        rows.append(torch_row(cfg))
+    rows = [loader_row(cfg, row) for row in ("cpu", "dali", "torch") if row in cfg.rows]
     if "recipe" in cfg.rows:
         rows.append(recipe_row(cfg, root, persistent=False))
     if "recipe-persistent" in cfg.rows:
         rows.append(recipe_row(cfg, root, persistent=True))
+    if "eval" in cfg.rows:
+        rows += [loader_row(cfg, row, train=False) for row in ("cpu", "dali")]
     measured = measure_interleaved(rows, cfg) if rows else {}
 
     recipe = next((measured[r.name] for r in rows if r.name.startswith("(c)")), None)
     for row in rows:
         m = measured[row.name]
+        versus = recipe if not row.name.startswith("(e") else None  # the recipe row trains: no ratio for eval
         report.add_row(name=row.name, images_per_sec=m.rate, spread=f"±{m.timing.spread:.0%}",
-                       x_recipe=m.rate / recipe.rate if recipe else None, cpu_ms_per_image=m.cpu_ms_per_image,
-                       x_recipe_cpu=recipe.cpu_ms_per_image / m.cpu_ms_per_image if recipe else None, notes=row.note)
+                       x_recipe=m.rate / versus.rate if versus else None, cpu_ms_per_image=m.cpu_ms_per_image,
+                       x_recipe_cpu=versus.cpu_ms_per_image / m.cpu_ms_per_image if versus else None, notes=row.note)
 
     def per_core_row(name: str, seconds_per_image: Timing, note: str, times_cores: bool) -> None:
         per_core = 1 / seconds_per_image.median
@@ -390,17 +322,21 @@ def run(args: argparse.Namespace) -> BenchReport:
                        x_recipe=rate / recipe.rate if recipe and times_cores else None,
                        cpu_ms_per_image=1000 * seconds_per_image.median, x_recipe_cpu=None, notes=note)
 
+    stage_args = (cfg.data, cfg.batch_size, cfg.img_size, cfg.images, cfg.repeats)
     if "ceiling" in cfg.rows:
         for label, jpegs, note in (("stored images", stored_jpegs(cfg.data), "libjpeg-turbo via Pillow"),
                                    ("original files", original_jpegs(root), "what (c) decodes")):
             t = cpu_per_call(pil_decode_all(jpegs), warmup=1, repeats=cfg.repeats)
             per_core_row(f"ceiling: PIL full decode of the {label}, 1 core x {cfg.threads}",
-                         Timing([s / len(jpegs) for s in t.seconds]), f"{len(jpegs)} images, {note}", True)
+                         per_image(t, len(jpegs)), f"{len(jpegs)} images, {note}", True)
         per_core_row(f"ceiling: DALI CPU decode of the stored images, 1 thread x {cfg.threads}",
-                     dali_stage_ms(cfg, "decode"), "reader + decoders.image, nothing else", True)
+                     dali_stage_ms(*stage_args, "decode"), "reader + decoders.image, nothing else", True)
     if "stages" in cfg.rows:
-        for stage, name in STAGES:
-            per_core_row(name, dali_stage_ms(cfg, stage), "1 thread; images/s of one core", False)
+        for name, timing, note in crop_stage_rows(*stage_args):
+            per_core_row(name, timing, note, False)
+    if "dali-stages" in cfg.rows:
+        for stage, name in DALI_STAGES:
+            per_core_row(name, dali_stage_ms(*stage_args, stage), "1 thread; images/s of one core", False)
     load_after = os.getloadavg()[0]
     report.notes.append(
         f"1-minute load average {load_before:.1f} before, {load_after:.1f} after, on {_cores()} cores "

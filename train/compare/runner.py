@@ -316,15 +316,15 @@ class _Evaluator:
 
     def __init__(self, cfg: ComparisonConfig, env):
         self.cfg, self.env = cfg, env
-        self._loaders: dict[tuple[int, str], Any] = {}
+        self._loaders: dict[tuple[int, str, str], Any] = {}
 
-    def _knn_loaders(self, img_size: int, backend: str, threads: int) -> tuple[Any, Any]:
+    def _knn_loaders(self, img_size: int, backend: str, threads: int, decode: str) -> tuple[Any, Any]:
         from train.entry import build_eval_loader
 
-        key = (img_size, backend)
+        key = (img_size, backend, decode)
         if key not in self._loaders:
             self._loaders[key] = tuple(build_eval_loader(data, self.cfg.eval_batch_size, img_size, backend, threads,
-                                                         self.cfg.seed, self.env)
+                                                         self.cfg.seed, self.env, decode)
                                        for data in (self.cfg.data, self.cfg.eval_data))
         return self._loaders[key]
 
@@ -337,7 +337,7 @@ class _Evaluator:
 
         source = resolve_source(checkpoint)
         img_size = source.model_cfg.img_size
-        bank, queries = self._knn_loaders(img_size, run.train.data_backend, run.train.data_threads)
+        bank, queries = self._knn_loaders(img_size, run.train.data_backend, run.train.data_threads, run.train.decode)
         settings = KnnSettings(k=self.cfg.knn_k, temperature=self.cfg.knn_temperature,
                                train_samples=self.cfg.knn_bank, feature=self.cfg.knn_feature)
         result = knn_eval(source, bank, queries, settings, self.env)

@@ -329,7 +329,8 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
         img_size = cfg.img_size or source.model_cfg.img_size
         # Built before any data is read: weights that do not fit the encoder (a partial state dict) are bad input.
         encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
-        loaders = [build_eval_loader(data, batch, img_size, cfg.data_backend, cfg.data_threads, cfg.seed, env)
+        loaders = [build_eval_loader(data, batch, img_size, cfg.data_backend, cfg.data_threads, cfg.seed, env,
+                                     cfg.decode)
                    for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
