@@ -7,8 +7,9 @@
     out        (N, 1+L, D) contiguous, dtype = promote(x, pos_embed) as the reference's `+ pos_embed`
 
 Forward, one pass: a program owns a (rows, D) tile of one sample's output and finds, for each output position, the
-kept token that lands there by comparing against the sample's K indices in registers (K <= 256, a few hundred
-integer compares per row), so no inverse permutation is materialised and no output row is written twice.
+kept token that lands there by comparing against the sample's K indices in registers, at most MAX_BLOCK_K of them
+at a time (one chunk at ViT-B/16's K = 49; any K works), so no inverse permutation is materialised and no output
+row is written twice.
 
 Backward, one pass over grad_out (no atomics): a program owns one sample and a D slice, walks the 1+L rows, writes
 the cls and kept rows to grad_x (distinct destinations) and sums the masked rows in fp32 into a per-sample partial;
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model.kernel_tiles import next_pow2
 from model.kernels._common import (
     FLOAT_DTYPES,
     check_device,
@@ -30,21 +32,23 @@ from model.kernels._common import (
     check_ids_keep,
     device_context,
     fail,
-    next_pow2,
 )
 
 BLOCK_ROWS = 32
 BLOCK_COLS = 128  # 32 x 128 tile: 16 elements per thread at 8 warps; D = 512 -> 4 column blocks
+MAX_BLOCK_K = 256  # kept indices compared per chunk: a 32 x 256 int32 tile, 32 registers per thread at 8 warps
 
 
 @triton.jit
 def _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K: tl.constexpr):
     """(BLOCK_R,) row of x that output row r takes: 0 for the cls row, 1+k where ids_keep[n, k] == r-1, else -1."""
-    kk = tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    keep = tl.load(ids_ptr + n.to(tl.int64) * s_idn + kk * s_idk, mask=k_ok, other=0).to(tl.int32)
-    hit = (keep[None, :] == (r - 1)[:, None]) & k_ok[None, :]
-    src_k = tl.max(tl.where(hit, kk[None, :], -1), axis=1)
+    src_k = tl.zeros_like(r) - 1
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        keep = tl.load(ids_ptr + n.to(tl.int64) * s_idn + kk * s_idk, mask=k_ok, other=0).to(tl.int32)
+        hit = (keep[None, :] == (r - 1)[:, None]) & k_ok[None, :]
+        src_k = tl.maximum(src_k, tl.max(tl.where(hit, kk[None, :], -1), axis=1))
     return tl.where(r == 0, 0, tl.where(src_k >= 0, src_k + 1, -1))
 
 
@@ -96,7 +100,7 @@ def _unshuffle_bwd_kernel(g_ptr, ids_ptr, gx_ptr, partial_ptr,
 
 
 def _block_k(k: int) -> int:
-    return max(2, next_pow2(k))
+    return min(MAX_BLOCK_K, max(2, next_pow2(k)))
 
 
 @torch.library.custom_op("supmae::unshuffle_decoder_tokens", mutates_args=())
