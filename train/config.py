@@ -67,6 +67,8 @@ class RunConfig:
     device: str = _f("auto", "auto (cuda when available) | cuda | cpu")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a gradient scaler) | fp32")
     compile: str = _f("auto", "torch.compile: auto (on for CUDA) | on | off  (--no-compile = off)")
+    tf32: bool = _f(True, "fp32 matmuls on CUDA use TF32 tensor cores (what --precision fp32 trains with); "
+                          "--no-tf32 = IEEE fp32 matmuls")
     seed: int = _f(0, "seed of weights, augmentation and data order")
     data_backend: str = _f("dali", "dali | torch")
     data_threads: int = _f(4, "loader threads per process (DALI CPU threads / DataLoader workers)")

@@ -78,6 +78,16 @@ def resolve_compile(compile: str, device: torch.device) -> bool:
     return compile == "on" or (compile == "auto" and device.type == "cuda")
 
 
+def configure_tf32(enabled: bool, device: torch.device) -> bool:
+    """TF32 tensor-core matmuls for fp32 on CUDA (torch's float32 matmul precision "high"), or IEEE fp32 matmuls
+    ("highest"). Process-wide; it matters for `--precision fp32`, where every matmul is fp32 (under bf16 / fp16
+    autocast only the few fp32 matmuls left outside it). Returns whether TF32 is in use; the CPU is left alone."""
+    if device.type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    return enabled
+
+
 @dataclass
 class Compute:
     """Cumulative work behind the current weights (checkpointed; a resumed run continues from these)."""
@@ -115,6 +125,7 @@ class Trainer:
         self.run_config = run_config
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = DTYPES[self.precision]
+        self.tf32 = configure_tf32(cfg.tf32, self.device)
         self.compiled = resolve_compile(cfg.compile, self.device)
 
         if cfg.sync_bn and self.env.distributed and self.device.type != "cuda":
@@ -155,7 +166,7 @@ class Trainer:
                             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self._bn_snapshot = [b.clone() for b in self._bn_buffers]
         self.flops_per_image = task.train_flops_per_image()
-        self.peak_tflops = peak_tflops(self.device, self.amp_dtype)
+        self.peak_tflops = peak_tflops(self.device, self.amp_dtype, tf32=self.tf32)
 
         self.step = 0
         self.compute = Compute()
@@ -177,6 +188,13 @@ class Trainer:
         self._sums = torch.zeros(len(self.task.logged) + 3, dtype=torch.float64, device=dev)
         self._bad_count = torch.zeros((), dtype=torch.int64, device=dev)
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+
+    @property
+    def numerics(self) -> str:
+        """The precision in words for the start-up log, e.g. "bf16" or "fp32, TF32 matmuls"."""
+        if self.device.type != "cuda":
+            return self.precision
+        return f"{self.precision}, {'TF32' if self.tf32 else 'IEEE fp32'} matmuls"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The mixed-precision context of this run's forward passes (none in fp32)."""

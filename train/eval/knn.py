@@ -62,7 +62,7 @@ from train.eval.encoder import (
     resolve_source,
 )
 from train.eval.results import make_result, write_result
-from train.trainer import DTYPES, resolve_compile, resolve_precision
+from train.trainer import DTYPES, configure_tf32, resolve_compile, resolve_precision
 
 TOPK = (1, 5)
 
@@ -317,6 +317,7 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
                    for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
+    configure_tf32(cfg.tf32, env.device)
     result = knn_eval(source, loaders[0], loaders[1], cfg.settings(env.device), env, cfg.img_size)
     if env.is_main:
         record = knn_record(source, result, {**cfg.to_dict(), "img_size": img_size}, env)
