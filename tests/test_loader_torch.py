@@ -218,3 +218,23 @@ def test_sample_reader_keeps_few_files_open(ids_data):
     assert labels == [0, 7, 12, 1, 22] and len(reader._files) == 2
     reader.close()
     assert not reader._files
+
+
+def test_sample_members_follow_webdatasets_key_and_extension_rules():
+    """The torch backend parses a sample's tar span with the standard library, as the webdataset library would."""
+    from pipeline.loaders.torch_loader import sample_members
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("d/x1.jpg", b"J1"), ("d/x1.seg.PNG", b"P1"), ("d/x1.lbl", b"L1"), ("d/x2.jpg", b"J2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    assert sample_members(raw) == ("d/x1", {"jpg": b"J1", "seg.png": b"P1", "lbl": b"L1"})
+    assert sample_members(raw[: 6 * 512]) == sample_members(raw)  # a span ends where its sample ends: no EOF blocks
+    wds = pytest.importorskip("webdataset.tariterators")
+    members = ({**m, "__url__": "t.tar"} for m in wds.tar_file_iterator(io.BytesIO(raw)))
+    first = next(iter(wds.group_by_keys(members)))
+    assert first["__key__"] == "d/x1" and {k: v for k, v in first.items() if not k.startswith("__")} == \
+        sample_members(raw)[1]

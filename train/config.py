@@ -37,7 +37,7 @@ AUTO_MODEL_FIELDS = ("num_classes",)
 # often things are logged or saved, how fast the data is read). Any other difference is reported at resume.
 RUNTIME_FIELDS = frozenset({
     "out", "resume", "max_steps", "log_every", "ckpt_every", "keep", "keep_every", "display", "tensorboard",
-    "data", "data_threads", "compile", "eval_data", "eval_every", "eval_batch_size", "recipe",
+    "data", "data_threads", "compile", "eval_data", "eval_every", "eval_batch_size", "recipe", "sync_check",
 })
 
 
@@ -131,6 +131,9 @@ class LoopConfig(RunConfig):
     keep_every: int = _f(0, "also keep the epoch-end checkpoint of every N-th epoch for good (0 = none)")
     resume: str = _f("", "'' = new run, 'auto' = newest valid checkpoint in --out (new run if none), or a file")
     log_every: int = _f(50, "steps per log interval (metrics line, display update)")
+    sync_check: bool = _f(False, "CUDA: from the second step on, any host-device synchronisation in the training hot "
+                                 "path raises an error (torch.cuda.set_sync_debug_mode); log intervals, checkpoints "
+                                 "and evaluations are exempt. A check of the configuration, not for production")
     display: str = _f("auto", "auto (live on a terminal, plain otherwise) | live | plain | off")
     tensorboard: bool = _f(True, "write TensorBoard events to OUT/tb")
 

@@ -5,18 +5,21 @@ What is trained is a `train.task.Task`: it owns the model, computes the loss and
 builds the optimiser and evaluates (MaskedAutoencoderTask for pre-training, FinetuneTask, LinearProbeTask). The
 loop, its accounting and its files are the same for all of them.
 
-Hot-path rules (the original MAE loop synced the host every step; this one does not):
+Hot-path rules (the original MAE loop synced the host every step; this one does not; `--sync-check` makes any host
+sync outside the exempt places below an error on CUDA):
   * losses, gradient norms and non-finite counts accumulate in device tensors and are read once per log
     interval (one all-reduce + one host copy);
   * a non-finite step is skipped on the device, never by a host `if`: by the fused AdamW (`found_inf`), or for
     optimisers without that protocol (LARS) by putting the parameters and optimiser state back with `torch.where`;
   * the stop request of SIGTERM / SIGUSR1 is agreed on through an asynchronous gloo all-reduce of a host flag;
-  * the learning rate is a host float computed from the step counter.
+  * the learning rate is a host float computed from the step counter;
+  * log intervals, checkpoints and evaluations read device values by design (`_exempt_from_sync_check`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -86,6 +89,24 @@ def configure_tf32(enabled: bool, device: torch.device) -> bool:
         return False
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     return enabled
+
+
+def _exempt_from_sync_check(method):
+    """The places that read device values by design (log intervals, checkpoints, evaluations) run with CUDA's sync
+    debug mode off, so that `--sync-check` only catches host syncs in the hot path."""
+
+    @functools.wraps(method)
+    def exempt(self, *args, **kwargs):
+        if self.device.type != "cuda" or torch.cuda.get_sync_debug_mode() == 0:
+            return method(self, *args, **kwargs)
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    return exempt
 
 
 @dataclass
@@ -323,6 +344,7 @@ class Trainer:
         stop = stop or StopRequest(self.env)
         self._start_clock()
         status: str | None = None
+        sync_mode = torch.cuda.get_sync_debug_mode() if self.device.type == "cuda" else None
         try:
             while status is None:
                 if self.step >= self._end_step():
@@ -331,6 +353,9 @@ class Trainer:
                 epoch0 = self.loader.epoch
                 for group in self._micro_batches():
                     self.train_step(group)
+                    if cfg.sync_check and sync_mode is not None:
+                        # From the second step on: the first compiles and autotunes (which synchronises).
+                        torch.cuda.set_sync_debug_mode("error")
                     if stop.poll():
                         status = "preempted"
                     elif cfg.max_steps and self.step >= cfg.max_steps:
@@ -354,12 +379,15 @@ class Trainer:
                 who = stop.received.name if stop.received else "received by another process"
                 self._say(f"stop signal ({who}): checkpoint of step {self.step} written, exiting")
         finally:
+            if sync_mode is not None:
+                torch.cuda.set_sync_debug_mode(sync_mode)
             if own_stop:
                 stop.restore()
             if self.log is not None:
                 self.log.flush()
         return TrainResult(status, self.step, self.loader.epoch, self.last_checkpoint)
 
+    @_exempt_from_sync_check
     def _end_epoch(self) -> None:
         """After every epoch: close the log interval, the optional evaluation, a checkpoint (kept for good every
         --keep-every epochs; also kept as best.pt when the evaluation is the task's best so far)."""
@@ -375,6 +403,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # Log intervals: the one place the host reads device values
 
+    @_exempt_from_sync_check
     def _end_interval(self) -> bool:
         """Close the log interval: reduce, read, record. False when it was empty."""
         if self.step == self._interval_step0:
@@ -444,6 +473,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation: the task's (SupMAE head's top-1, a classifier's top-1 / top-5), logged as an "eval" record
 
+    @_exempt_from_sync_check
     def evaluate(self) -> dict[str, Any] | None:
         """The task's metrics on the eval loader's epoch (all ranks; padding not counted), recorded in metrics.jsonl;
         None when there is no eval loader or the task evaluates nothing."""
@@ -543,6 +573,7 @@ class Trainer:
         self._saved_step = self.step
         self._restart_rate_window()
 
+    @_exempt_from_sync_check
     def save(self, permanent_epoch: int | None = None, best: bool = False) -> Path | None:
         """Write a checkpoint of the current state (collective); prune old ones; with `best` also as best.pt.
         Returns the path on rank 0."""

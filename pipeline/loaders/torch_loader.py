@@ -1,4 +1,4 @@
-"""The torch backend: webdataset tar reading + PIL + torchvision transforms in `DataLoader` workers.
+"""The torch backend: tar reading + PIL + torchvision transforms in `DataLoader` workers.
 
 For machines without DALI, and the baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
 semantics as the DALI loader (`pipeline.loaders.base`): DALI's rank ranges and padding (`RankLayout`), labels from the
@@ -12,7 +12,8 @@ function of (seed, epoch, rank), computed up front from the DALI index files, an
 draws come from its own seed (seed, epoch, rank, position). Batch b is therefore the same whichever worker makes
 it and however many workers there are; restoring a position is starting the epoch's batch sampler at b. Workers
 read a sample's members with one positioned read of its span (offsets from the index) and parse them with the
-webdataset library's tar iterator (WebDataset key/extension rules); the buffer shuffle keeps reads within a window
+standard library's tarfile under WebDataset's key/extension rules (`sample_members`), so the backend needs no
+package beyond torch, torchvision and Pillow; the buffer shuffle keeps reads within a window
 of about `shuffle_buffer` consecutive samples, as with DALI, so the page cache and read-ahead still work.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -122,8 +124,6 @@ class SampleReader:
         return f
 
     def read(self, sid: int) -> tuple[bytes, int]:
-        import webdataset.tariterators as wds_tar
-
         ix = self.index
         t = int(ix.tar[sid])
         path, key = ix.tars[t], ix.keys[sid]
@@ -132,10 +132,9 @@ class SampleReader:
             span = os.pread(self._file(t).fileno(), length, int(ix.span_start[sid]))
             if len(span) != length:
                 raise ValueError(f"short read ({len(span)} of {length} bytes)")
-            members = ({**m, "__url__": path} for m in wds_tar.tar_file_iterator(io.BytesIO(span)))
-            sample = next(iter(wds_tar.group_by_keys(members)))
-            if sample["__key__"] != key:
-                raise ValueError(f"found member key {sample['__key__']!r} where the index says {key!r}")
+            found, sample = sample_members(span)
+            if found != key:
+                raise ValueError(f"found member key {found!r} where the index says {key!r}")
             return sample[IMAGE_EXT], decode_label(sample[LABEL_EXT])
         except Exception as e:
             raise ShardFormatError(f"{path}: sample {key!r} cannot be read ({e}); "
@@ -144,6 +143,28 @@ class SampleReader:
     def close(self) -> None:
         while self._files:
             self._files.popitem()[1].close()
+
+
+def sample_members(span: bytes) -> tuple[str | None, dict[str, bytes]]:
+    """(key, {extension: bytes}) of the first sample in `span`, a run of tar members, under WebDataset's rules (as
+    DALI's reader and the webdataset library apply them): key = the member path up to the first dot of its base
+    name, extension = the rest, lower-cased; the sample is the run of adjacent regular files sharing the key."""
+    key, members = None, {}
+    with tarfile.open(fileobj=io.BytesIO(span), mode="r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            name = f"{folder}/{stem}" if folder else stem
+            if key is None:
+                key = name
+            elif name != key:
+                break
+            members[ext.lower()] = tar.extractfile(info).read()
+    return key, members
 
 
 def buffer_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
