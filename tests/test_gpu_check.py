@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tools.gpu_check.plan import STEPS, TOTAL_BUDGET_S, Step
 from tools.gpu_check.report import StepReport, summary
-from tools.gpu_check.runner import STEPS, TOTAL_BUDGET_S, CheckConfig, Step, run_step
+from tools.gpu_check.runner import CheckConfig, run_step
 from tools.gpu_check.step import Context, Skip
 
 ROOT = Path(__file__).resolve().parents[1]

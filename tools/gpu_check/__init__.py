@@ -3,8 +3,9 @@
     tools/gpu_check.sh [OUTDIR]              on a machine with an NVIDIA GPU (about 8 minutes on one H100/H200)
     tools/gpu_check.sh --cpu-smoke [OUTDIR]  the same steps at tiny shapes on the CPU (the test suite runs it)
 
-Steps, each in its own process with its own time budget; each writes OUTDIR/steps/NN-name.json the moment it ends
-(also its partial results when it runs out of time), so a later timeout or crash loses nothing:
+Steps, each in its own process with its own time budget (the CPU smoke run: all in one process); each writes
+OUTDIR/steps/NN-name.json the moment it ends (also its partial results when it runs out of time), so a later timeout
+or crash loses nothing:
 
   1 environment   GPU, driver, torch and its CUDA build, triton, timm, torchvision, DALI / pytest importable or not,
                   the MFU peak figures the logs will use for this GPU

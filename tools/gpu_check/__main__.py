@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import tools.gpu_check as package
-from tools.gpu_check.runner import STEPS, TOTAL_BUDGET_S, CheckConfig, run_check
+from tools.gpu_check.plan import STEPS, TOTAL_BUDGET_S
+from tools.gpu_check.runner import CheckConfig, run_check
 
 USES = """\
 needs: python >= 3.10 with torch (a CUDA build), triton, timm, torchvision, numpy and Pillow (torchvision's own
@@ -16,7 +17,8 @@ needs: python >= 3.10 with torch (a CUDA build), triton, timm, torchvision, nump
 uses when present: nvidia-dali (step 6; skipped with the reason when missing), pytest (step 2's test files; left
   out with the reason when missing), nvidia-smi (the driver version in step 1).
 writes: OUTDIR/summary.md, summary.json, steps/NN-name.json and .log (each step's as soon as it ends), and its
-  scratch data and run folders in OUTDIR/work (about 2 GB while it runs; checkpoints are deleted after use)."""
+  scratch data and run folders in OUTDIR/work (up to about 5 GB while it runs; checkpoints are deleted after
+  use)."""
 
 
 def main(argv: list[str] | None = None) -> int:

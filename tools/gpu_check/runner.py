@@ -21,32 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.fileio import atomic_write_bytes, atomic_write_json
+from tools.gpu_check.plan import STEPS, Step
 from tools.gpu_check.report import StepReport, summary, utc_now
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass(frozen=True)
-class Step:
-    number: int
-    name: str
-    title: str
-    budget_s: int  # on a GPU (the eight-minute plan for one H100/H200)
-    smoke_budget_s: int  # --cpu-smoke: generous, the CPU run takes a few seconds per step
-
-    def report_path(self, out: Path) -> Path:
-        return out / "steps" / f"{self.number:02d}-{self.name}.json"
-
-
-STEPS = (
-    Step(1, "environment", "GPU, driver and software", 20, 60),
-    Step(2, "parity", "fused Triton kernels vs the reference ops, compiled for this GPU", 95, 120),
-    Step(3, "train-step", "SupMAE / MAE ViT-B/16 training step, batch 256", 140, 120),
-    Step(4, "trainer", "the real trainer with --sync-check, checkpoint and exact resume", 110, 120),
-    Step(5, "ddp", "NCCL process group, trainer through its DDP wrapper, world size 1", 45, 90),
-    Step(6, "dali", "DALI GPU decoding, eval pipeline, data wait of the real loop", 70, 120),
-)
-TOTAL_BUDGET_S = sum(s.budget_s for s in STEPS)  # 480 s: the eight minutes
 MIN_STEP_S = 5
 KILL_GRACE_S = 10
 

@@ -11,8 +11,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.gpu_check.plan import STEPS
 from tools.gpu_check.report import StepReport
-from tools.gpu_check.runner import STEPS
 
 MODULES = {"environment": "environment", "parity": "parity", "train-step": "train_step", "trainer": "trainer_run",
            "ddp": "trainer_run", "dali": "dali"}
