@@ -64,3 +64,17 @@ def test_tf32_is_on_by_default_for_cuda_and_can_be_turned_off():
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_start_up_line_names_the_matmul_precision_on_cuda():
+    from types import SimpleNamespace
+
+    from train.trainer import Trainer
+
+    def numerics(device, precision, tf32):
+        return Trainer.numerics.fget(SimpleNamespace(device=torch.device(device), precision=precision, tf32=tf32))
+
+    assert numerics("cuda", "fp32", True) == "fp32, TF32 matmuls"
+    assert numerics("cuda", "fp32", False) == "fp32, IEEE fp32 matmuls"
+    assert numerics("cuda", "bf16", True) == "bf16, TF32 matmuls"
+    assert numerics("cpu", "fp32", False) == "fp32"  # the CPU line is unchanged

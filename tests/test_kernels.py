@@ -195,6 +195,17 @@ LOSS_CASES = [  # (patch, channels, batch, height, width)
 ]
 
 
+def loss_and_grad(pred0, images, mask, patch, norm_pix, scale, shift) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(loss, grad of pred)] of the fused and the reference loss on a copy of pred0 each."""
+    results = []
+    for ops in (FUSED_OPS, REFERENCE_OPS):
+        pred = pred0.clone().requires_grad_()
+        loss = ops.masked_patch_loss(pred, images, mask, patch, norm_pix, scale, shift)
+        loss.backward()
+        results.append((loss, pred.grad))
+    return results
+
+
 @pytest.mark.parametrize("case,in_dtype,layout,norm_pix", matrix(
     4, case=LOSS_CASES, in_dtype=[torch.uint8, torch.float16, torch.bfloat16, torch.float32], layout=["nhwc", "nchw"],
     norm_pix=[True, False]))
@@ -207,13 +218,7 @@ def test_loss_matches_reference_forward_and_backward(case, in_dtype, layout, nor
     g = torch.Generator().manual_seed(5)
     for pred_dtype in (torch.float32, torch.bfloat16):
         pred0 = torch.randn(n, num_patches, p * p * c, generator=g).to(DEV, pred_dtype)
-        results = []
-        for ops in (FUSED_OPS, REFERENCE_OPS):
-            pred = pred0.clone().requires_grad_()
-            loss = ops.masked_patch_loss(pred, images, mask, p, norm_pix, scale, shift)
-            loss.backward()
-            results.append((loss, pred.grad))
-        (loss, grad), (ref_loss, ref_grad) = results
+        (loss, grad), (ref_loss, ref_grad) = loss_and_grad(pred0, images, mask, p, norm_pix, scale, shift)
         assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == pred_dtype
         close(loss, ref_loss)
         close(grad, ref_grad, pred_dtype, atol=1e-7)
@@ -235,14 +240,9 @@ def test_patch_sizes_that_are_not_powers_of_two_match_reference(patch, input_kin
     close(rows[0], rows[1])
     pred0 = torch.randn(n, num_patches, patch * patch * c, generator=torch.Generator().manual_seed(6)).to(DEV)
     for norm_pix in (True, False):
-        results = []
-        for ops in (FUSED_OPS, REFERENCE_OPS):
-            pred = pred0.clone().requires_grad_()
-            loss = ops.masked_patch_loss(pred, images, mask, patch, norm_pix, scale, shift)
-            loss.backward()
-            results.append((loss, pred.grad))
-        close(results[0][0], results[1][0])
-        close(results[0][1], results[1][1], atol=1e-7)
+        (loss, grad), (ref_loss, ref_grad) = loss_and_grad(pred0, images, mask, patch, norm_pix, scale, shift)
+        close(loss, ref_loss)
+        close(grad, ref_grad, atol=1e-7)
 
 
 def test_model_with_patch_14_fused_equals_reference_loss_and_gradients():
