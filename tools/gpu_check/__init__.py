@@ -23,6 +23,7 @@ or crash loses nothing:
                   and 1.0, the eval pipeline, and the data-wait share of the real loop with DALI feeding SupMAE
                   ViT-B (skipped with the reason when DALI is missing)
 
-At the end: OUTDIR/summary.md and summary.json (one table of every step plus the step-3 and step-6 tables), ready
-for docs/benchmarks.md. Exit status 0 when no step failed (skipped steps are not failures), 1 otherwise.
+After every step: OUTDIR/summary.md and summary.json (one table of every step plus the step-3 and step-6 tables),
+ready for docs/benchmarks.md. Exit status 0 when no step failed or ran out of time (skipped steps are not failures),
+1 otherwise.
 """

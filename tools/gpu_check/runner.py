@@ -123,13 +123,17 @@ def run_step(step: Step, cfg: CheckConfig, budget: float, write: Callable[[str],
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env=step_environment(step, cfg.smoke), start_new_session=True)
         pos = 0
-        while proc.poll() is None:
-            if time.time() > deadline:
-                timed_out = True
-                _stop(proc)
-                break
-            time.sleep(0.2)
-            pos = _echo(log, pos, write)
+        try:
+            while proc.poll() is None:
+                if time.time() > deadline:
+                    timed_out = True
+                    _stop(proc)
+                    break
+                time.sleep(0.2)
+                pos = _echo(log, pos, write)
+        except BaseException:  # Ctrl-C: the step runs in its own session, so stop it here
+            _stop(proc)
+            raise
         _echo(log, pos, write)
     tail = log.read_text(errors="replace")[-3000:]
     report = StepReport.load(path) or StepReport(step.number, step.name, step.title, path).to_dict()
@@ -148,21 +152,32 @@ def run_step(step: Step, cfg: CheckConfig, budget: float, write: Callable[[str],
     return report
 
 
+def write_summary(cfg: CheckConfig, argv: list[str], reports: list[dict], seconds: float, total: int) -> str:
+    """OUTDIR/summary.md and summary.json of the steps so far (rewritten after every step); returns the Markdown."""
+    device = next((r["details"].get("device") for r in reports if r["name"] == "environment"), None)
+    header = {"date": utc_now(), "device": device or "unknown", "mode": "CPU smoke" if cfg.smoke else "GPU",
+              "command": "tools/gpu_check.sh " + " ".join(shlex.quote(a) for a in argv), "seconds": seconds,
+              "budget_s": total}
+    md, data = summary(reports, header)
+    atomic_write_bytes(cfg.out / "summary.md", md.encode(), fsync=False)
+    atomic_write_json(cfg.out / "summary.json", data, fsync=False)
+    return md
+
+
 def run_check(cfg: CheckConfig, argv: list[str], write: Callable[[str], None] = sys.stdout.write) -> int:
-    """All selected steps, then OUTDIR/summary.md and summary.json; exit status 0 unless a step failed."""
+    """All selected steps, the summary rewritten after each; exit status 0 unless a step failed or timed out."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.smoke:
         os.environ.update(SMOKE_ENV)  # before any step imports torch or the kernels
     total = cfg.budget()
     start = time.monotonic()
-    reports = []
+    reports: list[dict] = []
     carry = 0.0  # time earlier steps left unspent goes to the next ones
     for step in cfg.selected():
         own = step.smoke_budget_s if cfg.smoke else step.budget_s
         budget = min(own + carry, total - (time.monotonic() - start))
         if budget < MIN_STEP_S:
-            path = step.report_path(cfg.out)
-            rep = StepReport(step.number, step.name, step.title, path, status="timed out",
+            rep = StepReport(step.number, step.name, step.title, step.report_path(cfg.out), status="timed out",
                              reason=f"not run: the check's budget of {total} s is spent")
             rep.save()
             reports.append(rep.to_dict())
@@ -170,16 +185,11 @@ def run_check(cfg: CheckConfig, argv: list[str], write: Callable[[str], None] = 
         report = run_step(step, cfg, budget, write)
         reports.append(report)
         carry = max(0.0, budget - report["seconds"])
+        write_summary(cfg, argv, reports, time.monotonic() - start, total)
         if step.name == "environment" and report["status"] != "ok":
             write("gpu_check: the environment step failed; the other steps cannot run\n")
             break
-    device = next((r["details"].get("device") for r in reports if r["name"] == "environment"), None)
-    header = {"date": utc_now(), "device": device or "unknown", "mode": "CPU smoke" if cfg.smoke else "GPU",
-              "command": "tools/gpu_check.sh " + " ".join(shlex.quote(a) for a in argv),
-              "seconds": time.monotonic() - start, "budget_s": total}
-    md, data = summary(reports, header)
-    atomic_write_bytes(cfg.out / "summary.md", md.encode(), fsync=False)
-    atomic_write_json(cfg.out / "summary.json", data, fsync=False)
+    md = write_summary(cfg, argv, reports, time.monotonic() - start, total)
     write("\n" + md + f"\nfiles: {cfg.out}/summary.md, summary.json, steps/*.json, steps/*.log\n")
     failed = [r["name"] for r in reports if r["status"] in ("failed", "timed out")]
     if failed:
