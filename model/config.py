@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from model.kernel_tiles import fused_masking_problem
+
 FUSED_MASKING_MODES = ("auto", "on", "off")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +72,12 @@ class ModelConfig:
                              f"got {self.cls_loss_ratio}, {self.temperature}")
         if self.fused_masking not in FUSED_MASKING_MODES:
             raise ValueError(f"model config: fused_masking must be one of {FUSED_MASKING_MODES}, got {self.fused_masking!r}")
+        # "auto" is refused too: it runs the fused kernels on every GPU, where this would fail at the first step.
+        problem = fused_masking_problem(self.patch_size, self.in_chans) if self.fused_masking != "off" else None
+        if problem:
+            raise ValueError(f"model config: patch_size {self.patch_size} with in_chans {self.in_chans} and "
+                             f"fused_masking {self.fused_masking!r}: {problem}; use fused_masking 'off' "
+                             "(--fused-masking off: the reference masking path serves any patch size)")
 
     @property
     def grid_size(self) -> int:

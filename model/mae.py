@@ -200,8 +200,9 @@ class MaskedAutoencoderViT(nn.Module):
         if labels.shape != (n,) or labels.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"labels must be an int64 tensor of shape ({n},), got {labels.dtype} {tuple(labels.shape)}")
         # A value check needs the values on the host: free on CPU; on GPUs it would sync every step, so there the
-        # trainer checks the data set's class count against num_classes once at start-up instead.
-        if labels.device.type == "cpu" and n:
+        # trainer checks the data set's class count against num_classes once at start-up instead. Skipped while
+        # torch.compile traces (a data-dependent branch would break the graph).
+        if labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= self.cfg.num_classes:
                 raise ValueError(

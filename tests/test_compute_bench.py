@@ -133,7 +133,8 @@ def test_tiny_matched_comparison_end_to_end_and_resume(tmp_path, capsys):
     write_tiny_shards(tmp_path / "train", num_samples=48, num_classes=3, per_shard=8, size=(24, 28))
     write_tiny_shards(tmp_path / "val", num_samples=12, num_classes=3, per_shard=8, size=(24, 28), split="val", seed=1)
     out = tmp_path / "cmp"
-    argv = ["compute", "--data", str(tmp_path / "train"), "--eval-data", str(tmp_path / "val"), "--out", str(out),
+    argv = ["compute", "--device", "cpu", "--data", str(tmp_path / "train"), "--eval-data", str(tmp_path / "val"),
+            "--out", str(out),
             "--budgets", "2", "--budget-unit", "epochs", "--evals", "2", "--knn-k", "5", "--eval-batch-size", "8",
             "--json", str(tmp_path / "c.json"), "--", *TINY]
     assert bench_main(argv) == 0

@@ -110,3 +110,17 @@ def test_environment_record():
     assert line.startswith("environment: cpu, machine: 8 NVIDIA GPU(s), driver 580.65.06 (CUDA 13.0), torch ")
     assert line.endswith("fused masking off, compile off")
     assert "no NVIDIA GPU" in describe_environment(environment_record(torch.device("cpu"), nvidia=NvidiaInfo()))
+
+
+def test_device_cpu_starts_one_process_per_node_on_a_gpu_node(tiny_shards, tmp_path, monkeypatch, capsys):
+    """--device cpu on a node with visible GPUs: one process (not one per GPU) unless --nproc asks for more."""
+    shards, _ = tiny_shards
+    monkeypatch.setattr(tools.launch, "_visible_gpus", lambda: 8)
+    monkeypatch.setattr(tools.launch, "check_device", lambda device: None)
+    argv = ["pretrain", "--dry-run", "--data", str(shards), "--out", str(tmp_path / "run")]
+    assert tools.launch.main([*argv, "--device", "cpu"]) == 0
+    assert "1 node(s) x 1 process(es)" in capsys.readouterr().err
+    assert tools.launch.main([*argv, "--device", "cpu", "--nproc", "2"]) == 0
+    assert "1 node(s) x 2 process(es)" in capsys.readouterr().err
+    assert tools.launch.main(argv) == 0
+    assert "1 node(s) x 8 process(es)" in capsys.readouterr().err

@@ -154,6 +154,26 @@ def test_unshuffle_matches_reference_forward_and_backward(case, dtypes):
     close(gmt, ref_gmt, x_dtype, atol=1e-5 if x_dtype == torch.float32 else 0.05)
 
 
+def test_unshuffle_compares_kept_indices_in_chunks_when_k_exceeds_one_block():
+    """K = 300 kept patches > MAX_BLOCK_K (256): the kernel walks the indices in two chunks."""
+    from model.kernels.unshuffle import MAX_BLOCK_K
+
+    n, keep, num_patches, d = 2, 300, 400, 8
+    assert keep > MAX_BLOCK_K
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(n, 1 + keep, d, generator=g).to(DEV)
+    mt, pe = torch.randn(1, 1, d, generator=g).to(DEV), torch.randn(1, 1 + num_patches, d, generator=g).to(DEV)
+    ids_keep, _ = make_masking(n, num_patches, keep)
+    grads = []
+    for ops in (FUSED_OPS, REFERENCE_OPS):
+        x = x0.clone().requires_grad_()
+        out = ops.unshuffle_decoder_tokens(x, ids_keep, mt, pe)
+        out.square().sum().backward()
+        grads.append((out, x.grad))
+    close(grads[0][0], grads[1][0])
+    close(grads[0][1], grads[1][1])
+
+
 def test_unshuffle_gives_pos_embed_a_gradient_when_asked():
     ids_keep, _ = make_masking(2, 16, 4)
     x = torch.randn(2, 5, 8, device=DEV, requires_grad=True)
@@ -175,6 +195,17 @@ LOSS_CASES = [  # (patch, channels, batch, height, width)
 ]
 
 
+def loss_and_grad(pred0, images, mask, patch, norm_pix, scale, shift) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(loss, grad of pred)] of the fused and the reference loss on a copy of pred0 each."""
+    results = []
+    for ops in (FUSED_OPS, REFERENCE_OPS):
+        pred = pred0.clone().requires_grad_()
+        loss = ops.masked_patch_loss(pred, images, mask, patch, norm_pix, scale, shift)
+        loss.backward()
+        results.append((loss, pred.grad))
+    return results
+
+
 @pytest.mark.parametrize("case,in_dtype,layout,norm_pix", matrix(
     4, case=LOSS_CASES, in_dtype=[torch.uint8, torch.float16, torch.bfloat16, torch.float32], layout=["nhwc", "nchw"],
     norm_pix=[True, False]))
@@ -187,16 +218,62 @@ def test_loss_matches_reference_forward_and_backward(case, in_dtype, layout, nor
     g = torch.Generator().manual_seed(5)
     for pred_dtype in (torch.float32, torch.bfloat16):
         pred0 = torch.randn(n, num_patches, p * p * c, generator=g).to(DEV, pred_dtype)
-        results = []
-        for ops in (FUSED_OPS, REFERENCE_OPS):
-            pred = pred0.clone().requires_grad_()
-            loss = ops.masked_patch_loss(pred, images, mask, p, norm_pix, scale, shift)
-            loss.backward()
-            results.append((loss, pred.grad))
-        (loss, grad), (ref_loss, ref_grad) = results
+        (loss, grad), (ref_loss, ref_grad) = loss_and_grad(pred0, images, mask, p, norm_pix, scale, shift)
         assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == pred_dtype
         close(loss, ref_loss)
         close(grad, ref_grad, pred_dtype, atol=1e-7)
+
+
+@pytest.mark.parametrize("input_kind", ["uint8_nhwc", "float_nchw"])
+@pytest.mark.parametrize("patch", [14, 12])
+def test_patch_sizes_that_are_not_powers_of_two_match_reference(patch, input_kind):
+    """p = 14 / 12: the patch tile is padded to 16 rows x 64 lanes and masked (Triton tiles are powers of two)."""
+    c, n, h, w = 3, 2, 2 * patch, 3 * patch
+    num_patches = 6
+    in_dtype, layout = (torch.uint8, "nhwc") if input_kind == "uint8_nhwc" else (torch.float32, "nchw")
+    images = make_images(n, h, w, c, in_dtype, layout)
+    ids_keep, mask = make_masking(n, num_patches, 2)
+    scale, shift = pixel_norm(c)
+    rows = [ops.gather_visible_patches(images, ids_keep, patch, scale, shift, torch.float32)
+            for ops in (FUSED_OPS, REFERENCE_OPS)]
+    assert rows[0].shape == (n, 2, patch * patch * c)
+    close(rows[0], rows[1])
+    pred0 = torch.randn(n, num_patches, patch * patch * c, generator=torch.Generator().manual_seed(6)).to(DEV)
+    for norm_pix in (True, False):
+        (loss, grad), (ref_loss, ref_grad) = loss_and_grad(pred0, images, mask, patch, norm_pix, scale, shift)
+        close(loss, ref_loss)
+        close(grad, ref_grad, atol=1e-7)
+
+
+def test_model_with_patch_14_fused_equals_reference_loss_and_gradients():
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8, generator=g)
+    labels, noise = torch.randint(0, 10, (2,), generator=g), torch.rand(2, 4, generator=g)
+    runs = {}
+    for mode in ("on", "off"):
+        torch.manual_seed(0)
+        model = create_model("supmae_vit_tiny_patch16", fused_masking=mode,
+                             **dict(SMALL, img_size=28, patch_size=14)).to(DEV).train()
+        out = model(images.to(DEV), labels.to(DEV), noise=noise.to(DEV))
+        out.loss.backward()
+        runs[mode] = (out.loss, {k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    close(runs["on"][0], runs["off"][0])
+    assert runs["on"][1].keys() == runs["off"][1].keys()
+    for name, grad in runs["off"][1].items():
+        torch.testing.assert_close(runs["on"][1][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_model_config_refuses_a_patch_the_fused_kernels_cannot_hold():
+    """Refused when the model is configured (not at the first GPU step); the reference path serves it."""
+    from model.config import model_config
+
+    for mode in ("auto", "on"):
+        with pytest.raises(ValueError, match=r"patch_size 112 with in_chans 3 and fused_masking '" + mode
+                           + r"': the fused masking kernels hold one 112x112x3 patch as a register tile of 128 x 512"
+                           r" = 65536 lanes, more than the 16384 .*use fused_masking 'off'"):
+            model_config("supmae_vit_tiny_patch16", img_size=224, patch_size=112, fused_masking=mode)
+    assert model_config("supmae_vit_tiny_patch16", img_size=224, patch_size=112, fused_masking="off").patch_size == 112
+    assert model_config("supmae_vit_tiny_patch16", img_size=256, patch_size=64).patch_size == 64
 
 
 def test_loss_weights_patches_by_mask_value_and_skips_unmasked():
@@ -356,8 +433,17 @@ def test_launcher_errors_are_clear(monkeypatch):
         gather(images, ids_keep.float(), 4, scale, shift, torch.float32)
     with pytest.raises(ValueError, match=r"ids_keep must have shape \(2, K\), got \(3, 2\)"):
         gather(images, ids_keep[[0, 1, 1]], 4, scale, shift, torch.float32)
-    with pytest.raises(ValueError, match=r"ids_keep values must be patch indices in \[0, 4\), found \[0, 4\]"):
-        gather(images, torch.tensor([[0, 4], [1, 2]], device=DEV), 4, scale, shift, torch.float32)
+    out_of_range = torch.tensor([[0, 4], [1, 2]], device=DEV)
+    if CUDA:
+        # On CUDA the values are not checked (a host sync every step); the kernel's guard gives a zero row instead
+        # of reading outside the image.
+        rows = gather(images, out_of_range, 4, scale, shift, torch.float32)
+        assert torch.equal(rows[0, 1], torch.zeros_like(rows[0, 1]))
+        close(rows[:, :1], REFERENCE_OPS.gather_visible_patches(images, out_of_range[:, :1], 4, scale, shift,
+                                                                torch.float32))
+    else:
+        with pytest.raises(ValueError, match=r"ids_keep values must be patch indices in \[0, 4\), found \[0, 4\]"):
+            gather(images, out_of_range, 4, scale, shift, torch.float32)
     with pytest.raises(ValueError, match=r"pixel_scale must hold one value per channel \(3\), got shape \(4,\)"):
         gather(images, ids_keep, 4, torch.ones(4, device=DEV), shift, torch.float32)
     with pytest.raises(ValueError, match="out_dtype must be float16, bfloat16 or float32"):

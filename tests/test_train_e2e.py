@@ -24,7 +24,8 @@ from train.metrics import TIMING_FIELDS
 from train.pretrain import run
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--model", "supmae_vit_tiny_patch16", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
+# --device cpu: the runs are compared bit for bit with a CPU reference, also on a machine with GPUs.
+RUN = ["--device", "cpu", "--model", "supmae_vit_tiny_patch16", "--img-size", "16", "--patch-size", "4", "--embed-dim", "32",
        "--depth", "1", "--num-heads", "2", "--decoder-embed-dim", "32", "--decoder-num-heads", "2",
        "--cls-hidden", "32", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "1", "--lr", "2e-3",
        "--data-threads", "1", "--shuffle-buffer", "16", "--display", "plain", "--no-tensorboard",
@@ -39,11 +40,13 @@ def shards(tmp_path_factory) -> Path:
 
 
 def launch(data: Path, out: Path, *args: str) -> subprocess.Popen:
-    """`./launch.sh pretrain ...` without the shell wrapper (one process: the launcher execs the entry)."""
+    """`./launch.sh pretrain ...` without the shell wrapper (one process unless args say --nproc: the launcher execs
+    the entry; without --nproc 1 it would start one process per visible GPU)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "tools.launch", "pretrain", "--data", str(data), "--out", str(out),
-                             *RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    nproc = [] if "--nproc" in args else ["--nproc", "1"]
+    return subprocess.Popen([sys.executable, "-m", "tools.launch", "pretrain", *nproc, "--data", str(data), "--out",
+                             str(out), *RUN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:

@@ -212,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(proto.module)
         cfg = module.check(rest) if hasattr(module, "check") else None
         # A GPU torch cannot use stops the run here, once, before any process starts (train.system.device).
-        check_device(getattr(cfg, "device", "auto"))
-        plan = plan_launch(os.environ, _visible_gpus(), nproc)
+        device = getattr(cfg, "device", "auto")
+        check_device(device)
+        # --device cpu is one process per node unless --nproc says otherwise, whatever GPUs the node has.
+        plan = plan_launch(os.environ, 0 if device == "cpu" else _visible_gpus(), nproc)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except (ValueError, FileNotFoundError) as e:

@@ -43,7 +43,7 @@ AUTO_MODEL_FIELDS = ("num_classes",)
 RUNTIME_FIELDS = frozenset({
     "out", "resume", "max_steps", "log_every", "ckpt_every", "keep", "keep_every", "display", "tensorboard",
     "data", "data_threads", "compile", "eval_data", "eval_every", "eval_batch_size", "recipe", "wandb",
-    "recon_images",
+    "recon_images", "sync_check",
 })
 # MAE's (main_pretrain.py, main_finetune.py) and timm's (train.py) option names -> this project's, for the classes
 # that have the target (docs/training.md has the table). --aa is parsed by parse_timm_randaugment.
@@ -81,6 +81,8 @@ class RunConfig:
     device: str = _f("auto", "auto (the GPU; stops if torch cannot use one that is there) | cuda | cpu")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a gradient scaler) | fp32")
     compile: str = _f("auto", "torch.compile: auto (on for CUDA) | on | off  (--no-compile = off)")
+    tf32: bool = _f(True, "fp32 matmuls on CUDA use TF32 tensor cores (what --precision fp32 trains with); "
+                          "--no-tf32 = IEEE fp32 matmuls")
     seed: int = _f(0, "seed of weights, augmentation and data order")
     data_backend: str = _f("dali", "dali | torch")
     decode: str = _f("auto", "where JPEGs are decoded (dali backend): gpu = nvJPEG + GPU resize (default on a GPU), "
@@ -147,6 +149,9 @@ class LoopConfig(RunConfig):
     keep_every: int = _f(0, "also keep the epoch-end checkpoint of every N-th epoch for good (0 = none)")
     resume: str = _f("", "'' = new run, 'auto' = newest valid checkpoint in --out (new run if none), or a file")
     log_every: int = _f(50, "steps per log interval (metrics line, display update)")
+    sync_check: bool = _f(False, "CUDA: from the second step on, any host-device synchronisation in the training hot "
+                                 "path raises an error (torch.cuda.set_sync_debug_mode); log intervals, checkpoints "
+                                 "and evaluations are exempt. A check of the configuration, not for production")
     display: str = _f("auto", "auto (live on a terminal, plain otherwise) | live | plain | off")
     tensorboard: bool = _f(True, "write TensorBoard events to OUT/tb")
     wandb: str = _f("", "also log to Weights & Biases: --wandb [PROJECT] (alone: project supmae-fast); "

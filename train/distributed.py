@@ -8,6 +8,10 @@ Environments understood (first match wins):
   * nothing: one process.
 NCCL on GPUs, gloo on CPUs. A second, gloo, group carries the small host-side control messages (stop flags) so
 they never wait behind GPU work.
+
+SUPMAE_PROCESS_GROUP=1 makes even a single process join a process group (world size 1, MASTER_ADDR / MASTER_PORT
+defaulting to a free local port), so that one GPU runs the multi-process code path: NCCL, the trainer's DDP
+wrapper, the collectives (tools/gpu_check.sh uses it).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from train.system.device import check_device
 
 DEFAULT_MASTER_PORT = 29500
+FORCE_GROUP_ENV = "SUPMAE_PROCESS_GROUP"
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group is in use (world size > 1, or 1 with SUPMAE_PROCESS_GROUP=1): DDP and collectives."""
+        return self.backend is not None
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,16 @@ def init_distributed(device: str = "auto", env: Mapping[str, str] | None = None,
                      timeout: timedelta = timedelta(minutes=30)) -> DistEnv:
     """Join the job described by the environment (see module doc); a single process needs no process group."""
     global _CONTROL_GROUP
-    info = rank_info(os.environ if env is None else env)
+    environ = os.environ if env is None else env
+    info = rank_info(environ)
     dev = resolve_device(device, info.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if info.world_size == 1:
-        return DistEnv(device=dev)
+        if environ.get(FORCE_GROUP_ENV) != "1":
+            return DistEnv(device=dev)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if info.master_addr:
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
     if info.master_port:
@@ -185,6 +195,14 @@ def init_distributed(device: str = "auto", env: Mapping[str, str] | None = None,
     # Control messages get their own gloo group even on a gloo job, so they never queue behind gradients.
     _CONTROL_GROUP = dist.new_group(backend="gloo")
     return DistEnv(info.rank, info.world_size, info.local_rank, info.local_world_size, dev, backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def destroy_distributed() -> None:

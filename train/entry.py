@@ -180,7 +180,8 @@ def start_trainer(trainer: Trainer, run_config: dict[str, Any], resume: tuple[st
     resumed state loaded (settings that changed are noted), config.json written by rank 0."""
     run_config["derived"].update(
         steps_per_epoch=trainer.steps_per_epoch, total_steps=trainer.total_steps,
-        warmup_steps=trainer.schedule.warmup_steps, train_flops_per_image=trainer.flops_per_image, **derived,
+        warmup_steps=trainer.schedule.warmup_steps, train_flops_per_image=trainer.flops_per_image,
+        tf32=trainer.tf32, ddp=trainer.ddp is not None, process_group=env.backend, **derived,
     )
     if resume is not None:
         path, state = resume

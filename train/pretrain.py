@@ -191,7 +191,7 @@ def _summary(log: RunLog, cfg: TrainConfig, t: Trainer, samples: int, classes: i
                 f"{t.flops_per_image / 1e9:.2f} GFLOP per trained image), {cfg.img_size}px patch {mc.patch_size}")
     log.message(f"data: {cfg.data} ({samples} images, {classes} classes), {t.loader.batches_per_epoch} batches "
                 f"per process per epoch, backend {cfg.data_backend}")
-    log.message(f"processes: {t.world_size} on {t.device.type}, precision {t.precision}, compile "
+    log.message(f"processes: {t.world_size} on {t.device.type}, precision {t.numerics}, compile "
                 f"{'on' if t.compiled else 'off'}, fused masking {mc.fused_masking}")
     log.message(f"batch {cfg.batch_size}/process x {cfg.accum_steps} accum x {t.world_size} = "
                 f"{cfg.effective_batch(t.world_size)}; peak lr {t.peak_lr:.3e}; {t.steps_per_epoch} steps/epoch, "

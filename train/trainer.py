@@ -5,18 +5,21 @@ What is trained is a `train.task.Task`: it owns the model, computes the loss and
 builds the optimiser and evaluates (MaskedAutoencoderTask for pre-training, FinetuneTask, LinearProbeTask). The
 loop, its accounting and its files are the same for all of them.
 
-Hot-path rules (the original MAE loop synced the host every step; this one does not):
+Hot-path rules (the original MAE loop synced the host every step; this one does not; `--sync-check` makes any host
+sync outside the exempt places below an error on CUDA):
   * losses, gradient norms and non-finite counts accumulate in device tensors and are read once per log
     interval (one all-reduce + one host copy);
   * a non-finite step is skipped on the device, never by a host `if`: by the fused AdamW (`found_inf`), or for
     optimisers without that protocol (LARS) by putting the parameters and optimiser state back with `torch.where`;
   * the stop request of SIGTERM / SIGUSR1 is agreed on through an asynchronous gloo all-reduce of a host flag;
-  * the learning rate is a host float computed from the step counter.
+  * the learning rate is a host float computed from the step counter;
+  * log intervals, checkpoints and evaluations read device values by design (`_exempt_from_sync_check`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -79,6 +82,34 @@ def resolve_compile(compile: str, device: torch.device) -> bool:
     return compile == "on" or (compile == "auto" and device.type == "cuda")
 
 
+def configure_tf32(enabled: bool, device: torch.device) -> bool:
+    """TF32 tensor-core matmuls for fp32 on CUDA (torch's float32 matmul precision "high"), or IEEE fp32 matmuls
+    ("highest"). Process-wide; it matters for `--precision fp32`, where every matmul is fp32 (under bf16 / fp16
+    autocast only the few fp32 matmuls left outside it). Returns whether TF32 is in use; the CPU is left alone."""
+    if device.type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    return enabled
+
+
+def _exempt_from_sync_check(method):
+    """The places that read device values by design (log intervals, checkpoints, evaluations) run with CUDA's sync
+    debug mode off, so that `--sync-check` only catches host syncs in the hot path."""
+
+    @functools.wraps(method)
+    def exempt(self, *args, **kwargs):
+        if self.device.type != "cuda" or torch.cuda.get_sync_debug_mode() == 0:
+            return method(self, *args, **kwargs)
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    return exempt
+
+
 @dataclass
 class Compute:
     """Cumulative work behind the current weights (checkpointed; a resumed run continues from these)."""
@@ -116,6 +147,7 @@ class Trainer:
         self.run_config = run_config
         self.precision = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = DTYPES[self.precision]
+        self.tf32 = configure_tf32(cfg.tf32, self.device)
         self.compiled = resolve_compile(cfg.compile, self.device)
 
         if cfg.sync_bn and self.env.distributed and self.device.type != "cuda":
@@ -156,7 +188,7 @@ class Trainer:
                             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
         self._bn_snapshot = [b.clone() for b in self._bn_buffers]
         self.flops_per_image = task.train_flops_per_image()
-        self.peak_tflops = peak_tflops(self.device, self.amp_dtype)
+        self.peak_tflops = peak_tflops(self.device, self.amp_dtype, tf32=self.tf32)
 
         self.step = 0
         self.compute = Compute()
@@ -181,6 +213,13 @@ class Trainer:
         self._sums = torch.zeros(len(self.task.logged) + 3, dtype=torch.float64, device=dev)
         self._bad_count = torch.zeros((), dtype=torch.int64, device=dev)
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+
+    @property
+    def numerics(self) -> str:
+        """The precision in words for the start-up log, e.g. "bf16" or "fp32, TF32 matmuls"."""
+        if self.device.type != "cuda":
+            return self.precision
+        return f"{self.precision}, {'TF32' if self.tf32 else 'IEEE fp32'} matmuls"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The mixed-precision context of this run's forward passes (none in fp32)."""
@@ -309,6 +348,7 @@ class Trainer:
         stop = stop or StopRequest(self.env)
         self._start_clock()
         status: str | None = None
+        sync_mode = torch.cuda.get_sync_debug_mode() if self.device.type == "cuda" else None
         try:
             while status is None:
                 if self.step >= self._end_step():
@@ -317,6 +357,9 @@ class Trainer:
                 epoch0 = self.loader.epoch
                 for group in self._micro_batches():
                     self.train_step(group)
+                    if cfg.sync_check and sync_mode is not None:
+                        # From the second step on: the first compiles and autotunes (which synchronises).
+                        torch.cuda.set_sync_debug_mode("error")
                     if stop.poll():
                         status = "preempted"
                     elif cfg.max_steps and self.step >= cfg.max_steps:
@@ -346,12 +389,15 @@ class Trainer:
                 self.log.message(f"error: {e}", console=False)
             raise
         finally:
+            if sync_mode is not None:
+                torch.cuda.set_sync_debug_mode(sync_mode)
             if own_stop:
                 stop.restore()
             if self.log is not None:
                 self.log.flush()
         return TrainResult(status, self.step, self.loader.epoch, self.last_checkpoint)
 
+    @_exempt_from_sync_check
     def _end_epoch(self) -> None:
         """After every epoch: close the log interval, the optional evaluation, a checkpoint (kept for good every
         --keep-every epochs; also kept as best.pt when the evaluation is the task's best so far)."""
@@ -367,6 +413,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # Log intervals: the one place the host reads device values
 
+    @_exempt_from_sync_check
     def _end_interval(self) -> bool:
         """Close the log interval: reduce, read, record. False when it was empty."""
         if self.step == self._interval_step0:
@@ -438,6 +485,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # Evaluation: the task's (SupMAE head's top-1, a classifier's top-1 / top-5), logged as an "eval" record
 
+    @_exempt_from_sync_check
     def evaluate(self) -> dict[str, Any] | None:
         """The task's metrics on the eval loader's epoch (all ranks; padding not counted), recorded in metrics.jsonl;
         None when there is no eval loader or the task evaluates nothing."""
@@ -537,6 +585,7 @@ class Trainer:
         self._saved_step = self.step
         self._restart_rate_window()
 
+    @_exempt_from_sync_check
     def save(self, permanent_epoch: int | None = None, best: bool = False) -> Path | None:
         """Write a checkpoint of the current state (collective); prune old ones; with `best` also as best.pt.
         Returns the path on rank 0."""

@@ -2,8 +2,10 @@
 the launchers' input checks.
 
 Patch tiles. A program of the gather and loss kernels handles BLOCK_M patches at once as a 2-D register tile
-(BLOCK_M, PATCH * PC_PAD): one tile row per patch, and inside it PATCH runs of PC_PAD lanes, one run per pixel row
-of the patch, of which the first PATCH*C lanes are used (PC_PAD = next power of two >= PATCH*C). A run is exactly
+(BLOCK_M, PATCH_PAD * PC_PAD): one tile row per patch, and inside it PATCH_PAD runs of PC_PAD lanes, one run per
+pixel row of the patch (the first PATCH runs are used), of which the first PATCH*C lanes are used (PATCH_PAD and
+PC_PAD = the next powers of two >= PATCH and PATCH*C, as Triton's tiles must be: any patch size works, geometry in
+`model.kernel_tiles`). A run is exactly
 the PATCH*C values an NHWC image stores contiguously for one pixel row of one patch, and exactly the (q, c) part of
 a (p, q, c)-ordered patch row, so with a contiguous-row image (stride W == C, stride C == 1) loads and stores are
 straight contiguous runs that the compiler vectorises; any other strides (an NCHW tensor viewed as NHWC, a crop)
@@ -23,10 +25,6 @@ IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
-# Elements of a program's register tile: 4096 = 16 fp32 values per thread at 8 warps, enough work per program to
-# hide memory latency on an H100 without spilling (the loss kernels hold three such fp32 tiles).
-TILE_ELEMENTS = 4096
-
 
 @triton.jit
 def _probe_kernel(x):
@@ -36,18 +34,6 @@ def _probe_kernel(x):
 # `triton.jit` returns an interpreter object when TRITON_INTERPRET=1 was set before the kernels were defined: then the
 # kernels run on CPU tensors (slowly, for tests); otherwise they need CUDA tensors.
 INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def patch_tile(patch_size: int, channels: int) -> tuple[int, int, int]:
-    """(PC_PAD, BLOCK_M, num_warps) for patch kernels on p x p x C patches (see the module docstring)."""
-    pc_pad = next_pow2(patch_size * channels)
-    block_m = max(1, min(32, TILE_ELEMENTS // (patch_size * pc_pad)))
-    num_warps = 8 if block_m * patch_size * pc_pad >= 4096 else 4
-    return pc_pad, block_m, num_warps
 
 
 def rows_contiguous(images: Tensor) -> bool:
@@ -64,18 +50,18 @@ def device_context(device: torch.device):
 
 @triton.jit
 def load_patch_tile(img_ptr, n, gy, gx, load_ok, s_n, s_h, s_w, s_c, scale_ptr, shift_ptr,
-                    PATCH: tl.constexpr, C: tl.constexpr, PC_PAD: tl.constexpr,
+                    PATCH: tl.constexpr, C: tl.constexpr, PATCH_PAD: tl.constexpr, PC_PAD: tl.constexpr,
                     IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr):
-    """Pixels of BLOCK_M patches of an NHWC image as an fp32 tile (BLOCK_M, PATCH * PC_PAD), 0 in unused lanes.
+    """Pixels of BLOCK_M patches of an NHWC image as an fp32 tile (BLOCK_M, PATCH_PAD * PC_PAD), 0 in unused lanes.
 
     n, gy, gx (BLOCK_M,) int32: sample, patch row and patch column of each tile row; load_ok (BLOCK_M,) bool: rows
     to read (others come back as zeros without touching memory). uint8 pixels become x * scale[c] + shift[c].
     """
-    j = tl.arange(0, PATCH * PC_PAD)
+    j = tl.arange(0, PATCH_PAD * PC_PAD)
     i = j // PC_PAD  # pixel row inside the patch
     jj = j % PC_PAD  # position inside the row's run of PATCH*C values: q*C + c
     c = jj % C
-    lane_ok = jj < PATCH * C
+    lane_ok = (i < PATCH) & (jj < PATCH * C)
     row = gy[:, None] * PATCH + i[None, :]
     base = n.to(tl.int64) * s_n  # int64: a batch of images can exceed 2**31 elements
     if ROW_CONTIG:
@@ -93,11 +79,13 @@ def load_patch_tile(img_ptr, n, gy, gx, load_ok, s_n, s_h, s_w, s_c, scale_ptr, 
 
 
 @triton.jit
-def patch_row_offsets(PATCH: tl.constexpr, C: tl.constexpr, PC_PAD: tl.constexpr):
-    """(PATCH * PC_PAD,) offsets of the tile's lanes inside a (p, q, c)-ordered patch row, and which lanes are used."""
-    j = tl.arange(0, PATCH * PC_PAD)
+def patch_row_offsets(PATCH: tl.constexpr, C: tl.constexpr, PATCH_PAD: tl.constexpr, PC_PAD: tl.constexpr):
+    """(PATCH_PAD * PC_PAD,) offsets of the tile's lanes inside a (p, q, c)-ordered patch row, and which lanes are
+    used."""
+    j = tl.arange(0, PATCH_PAD * PC_PAD)
+    i = j // PC_PAD
     jj = j % PC_PAD
-    return (j // PC_PAD) * (PATCH * C) + jj, jj < PATCH * C
+    return i * (PATCH * C) + jj, (i < PATCH) & (jj < PATCH * C)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,9 +144,10 @@ def check_ids_keep(op: str, ids_keep: Tensor, n: int, num_patches: int, k: int |
     """ids_keep (N, K) int32/int64; eagerly on CPU also the values (free there; on CUDA it would cost a host sync,
     and under torch.compile it would be a data-dependent branch)."""
     check_dtype(op, "ids_keep", ids_keep, INDEX_DTYPES)
-    want_k = "K" if k is None else str(k)
+    # Messages are formatted only on the error path: under torch.compile the sizes may be symbolic, and turning a
+    # symbolic size into text would break the graph (e.g. when a second mask ratio makes K dynamic).
     if ids_keep.dim() != 2 or ids_keep.shape[0] != n or (k is not None and ids_keep.shape[1] != k):
-        fail(op, f"ids_keep must have shape ({n}, {want_k}), got {tuple(ids_keep.shape)}")
+        fail(op, f"ids_keep must have shape ({n}, {'K' if k is None else k}), got {tuple(ids_keep.shape)}")
     if ids_keep.shape[1] > num_patches:
         fail(op, f"ids_keep keeps {ids_keep.shape[1]} patches per sample but there are only {num_patches}")
     if ids_keep.device.type == "cpu" and ids_keep.numel() and not torch.compiler.is_compiling():

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model.kernel_tiles import patch_tile
 from model.kernels._common import (
     FLOAT_DTYPES,
     check_device,
@@ -25,7 +26,6 @@ from model.kernels._common import (
     fail,
     load_patch_tile,
     patch_row_offsets,
-    patch_tile,
     rows_contiguous,
 )
 
@@ -34,8 +34,8 @@ from model.kernels._common import (
 def _gather_kernel(img_ptr, ids_ptr, out_ptr, scale_ptr, shift_ptr,
                    total_rows, K, L, grid_w,
                    s_n, s_h, s_w, s_c, s_idn, s_idk,
-                   PATCH: tl.constexpr, C: tl.constexpr, PC_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                   IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr):
+                   PATCH: tl.constexpr, C: tl.constexpr, PATCH_PAD: tl.constexpr, PC_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr):
     # One program: BLOCK_M consecutive output rows r = n*K + k.
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < total_rows
@@ -45,8 +45,8 @@ def _gather_kernel(img_ptr, ids_ptr, out_ptr, scale_ptr, shift_ptr,
     # Out-of-range ids (a broken caller; CPU launchers reject them) give zero rows instead of stray reads.
     load_ok = row_ok & (patch >= 0) & (patch < L)
     x = load_patch_tile(img_ptr, n, patch // grid_w, patch % grid_w, load_ok, s_n, s_h, s_w, s_c,
-                        scale_ptr, shift_ptr, PATCH, C, PC_PAD, IS_U8, ROW_CONTIG)
-    lane_off, lane_ok = patch_row_offsets(PATCH, C, PC_PAD)
+                        scale_ptr, shift_ptr, PATCH, C, PATCH_PAD, PC_PAD, IS_U8, ROW_CONTIG)
+    lane_off, lane_ok = patch_row_offsets(PATCH, C, PATCH_PAD, PC_PAD)
     off = r.to(tl.int64)[:, None] * (PATCH * PATCH * C) + lane_off[None, :]
     tl.store(out_ptr + off, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & lane_ok[None, :])
 
@@ -59,7 +59,7 @@ def _gather_op(images: Tensor, ids_keep: Tensor, patch_size: int, pixel_scale: T
     out = torch.empty((n, k, patch_size * patch_size * c), dtype=out_dtype, device=images.device)
     if out.numel() == 0:
         return out
-    pc_pad, block_m, num_warps = patch_tile(patch_size, c)
+    patch_pad, pc_pad, block_m, num_warps = patch_tile(patch_size, c)
     grid_w = w // patch_size
     grid = (triton.cdiv(n * k, block_m),)
     with device_context(images.device):
@@ -67,7 +67,7 @@ def _gather_op(images: Tensor, ids_keep: Tensor, patch_size: int, pixel_scale: T
             images, ids_keep, out, pixel_scale, pixel_shift,
             n * k, k, (h // patch_size) * grid_w, grid_w,
             *images.stride(), *ids_keep.stride(),
-            PATCH=patch_size, C=c, PC_PAD=pc_pad, BLOCK_M=block_m,
+            PATCH=patch_size, C=c, PATCH_PAD=patch_pad, PC_PAD=pc_pad, BLOCK_M=block_m,
             IS_U8=images.dtype == torch.uint8, ROW_CONTIG=rows_contiguous(images), num_warps=num_warps,
         )
     return out

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model.kernel_tiles import patch_tile
 from model.kernels._common import (
     FLOAT_DTYPES,
     check_device,
@@ -34,7 +35,6 @@ from model.kernels._common import (
     fail,
     load_patch_tile,
     patch_row_offsets,
-    patch_tile,
     rows_contiguous,
 )
 
@@ -45,9 +45,10 @@ FINISH_BLOCK = 1024
 @triton.jit
 def _patch_error(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, pid,
                  NL, L, grid_w, s_pn, s_pl, s_pp, s_n, s_h, s_w, s_c, s_mn, s_ml,
-                 PATCH: tl.constexpr, C: tl.constexpr, PC_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                 IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr, NORM_PIX: tl.constexpr, EPS: tl.constexpr):
-    """For BLOCK_M patches: (pred - target) tile (BLOCK_M, PATCH*PC_PAD) fp32 (0 in unused lanes and in patches
+                 PATCH: tl.constexpr, C: tl.constexpr, PATCH_PAD: tl.constexpr, PC_PAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr, NORM_PIX: tl.constexpr,
+                 EPS: tl.constexpr):
+    """For BLOCK_M patches: (pred - target) tile (BLOCK_M, PATCH_PAD*PC_PAD) fp32 (0 in unused lanes and in patches
     not read), mask weights (BLOCK_M,), flat patch indices (BLOCK_M,) and which of them exist."""
     P: tl.constexpr = PATCH * PATCH * C
     r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,8 +58,8 @@ def _patch_error(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, pid,
     w = tl.load(mask_ptr + n.to(tl.int64) * s_mn + pos * s_ml, mask=row_ok, other=0.0).to(tl.float32)
     load_ok = row_ok & (w != 0.0)
     t = load_patch_tile(img_ptr, n, pos // grid_w, pos % grid_w, load_ok, s_n, s_h, s_w, s_c, scale_ptr, shift_ptr,
-                        PATCH, C, PC_PAD, IS_U8, ROW_CONTIG)
-    lane_off, lane_ok = patch_row_offsets(PATCH, C, PC_PAD)
+                        PATCH, C, PATCH_PAD, PC_PAD, IS_U8, ROW_CONTIG)
+    lane_off, lane_ok = patch_row_offsets(PATCH, C, PATCH_PAD, PC_PAD)
     ok = load_ok[:, None] & lane_ok[None, :]
     if NORM_PIX:
         mean = tl.sum(t, axis=1) / P
@@ -73,12 +74,13 @@ def _patch_error(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, pid,
 @triton.jit
 def _loss_fwd_kernel(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, part_num_ptr, part_den_ptr,
                      NL, L, grid_w, s_pn, s_pl, s_pp, s_n, s_h, s_w, s_c, s_mn, s_ml,
-                     PATCH: tl.constexpr, C: tl.constexpr, PC_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr, NORM_PIX: tl.constexpr, EPS: tl.constexpr):
+                     PATCH: tl.constexpr, C: tl.constexpr, PATCH_PAD: tl.constexpr, PC_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr, NORM_PIX: tl.constexpr,
+                     EPS: tl.constexpr):
     pid = tl.program_id(0)
     err, w, _, _ = _patch_error(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, pid,
                                 NL, L, grid_w, s_pn, s_pl, s_pp, s_n, s_h, s_w, s_c, s_mn, s_ml,
-                                PATCH, C, PC_PAD, BLOCK_M, IS_U8, ROW_CONTIG, NORM_PIX, EPS)
+                                PATCH, C, PATCH_PAD, PC_PAD, BLOCK_M, IS_U8, ROW_CONTIG, NORM_PIX, EPS)
     per_patch = tl.sum(err * err, axis=1) / (PATCH * PATCH * C)
     tl.store(part_num_ptr + pid, tl.sum(per_patch * w, axis=0))
     tl.store(part_den_ptr + pid, tl.sum(w, axis=0))
@@ -102,15 +104,16 @@ def _loss_finish_kernel(part_num_ptr, part_den_ptr, loss_ptr, den_ptr, num_parts
 @triton.jit
 def _loss_bwd_kernel(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, grad_loss_ptr, den_ptr, grad_ptr,
                      NL, L, grid_w, s_pn, s_pl, s_pp, s_n, s_h, s_w, s_c, s_mn, s_ml,
-                     PATCH: tl.constexpr, C: tl.constexpr, PC_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr, NORM_PIX: tl.constexpr, EPS: tl.constexpr):
+                     PATCH: tl.constexpr, C: tl.constexpr, PATCH_PAD: tl.constexpr, PC_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, IS_U8: tl.constexpr, ROW_CONTIG: tl.constexpr, NORM_PIX: tl.constexpr,
+                     EPS: tl.constexpr):
     pid = tl.program_id(0)
     err, w, r, row_ok = _patch_error(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, pid,
                                      NL, L, grid_w, s_pn, s_pl, s_pp, s_n, s_h, s_w, s_c, s_mn, s_ml,
-                                     PATCH, C, PC_PAD, BLOCK_M, IS_U8, ROW_CONTIG, NORM_PIX, EPS)
+                                     PATCH, C, PATCH_PAD, PC_PAD, BLOCK_M, IS_U8, ROW_CONTIG, NORM_PIX, EPS)
     # d loss / d pred = grad * w / sum(w) * 2 / P * (pred - target); unread patches have err = 0 -> zeros.
     coef = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(den_ptr) * (2.0 / (PATCH * PATCH * C)) * w
-    lane_off, lane_ok = patch_row_offsets(PATCH, C, PC_PAD)
+    lane_off, lane_ok = patch_row_offsets(PATCH, C, PATCH_PAD, PC_PAD)
     off = r.to(tl.int64)[:, None] * (PATCH * PATCH * C) + lane_off[None, :]
     tl.store(grad_ptr + off, (coef[:, None] * err).to(grad_ptr.dtype.element_ty),
              mask=row_ok[:, None] & lane_ok[None, :])
@@ -119,10 +122,11 @@ def _loss_bwd_kernel(pred_ptr, img_ptr, mask_ptr, scale_ptr, shift_ptr, grad_los
 def _launch_args(pred: Tensor, images: Tensor, mask: Tensor, patch_size: int, norm_pix_loss: bool):
     n, num_patches, _ = pred.shape
     c = images.shape[3]
-    pc_pad, block_m, num_warps = patch_tile(patch_size, c)
+    patch_pad, pc_pad, block_m, num_warps = patch_tile(patch_size, c)
     sizes = (n * num_patches, num_patches, images.shape[2] // patch_size, *pred.stride(), *images.stride(), *mask.stride())
-    meta = dict(PATCH=patch_size, C=c, PC_PAD=pc_pad, BLOCK_M=block_m, IS_U8=images.dtype == torch.uint8,
-                ROW_CONTIG=rows_contiguous(images), NORM_PIX=norm_pix_loss, EPS=NORM_PIX_EPS, num_warps=num_warps)
+    meta = dict(PATCH=patch_size, C=c, PATCH_PAD=patch_pad, PC_PAD=pc_pad, BLOCK_M=block_m,
+                IS_U8=images.dtype == torch.uint8, ROW_CONTIG=rows_contiguous(images), NORM_PIX=norm_pix_loss,
+                EPS=NORM_PIX_EPS, num_warps=num_warps)
     return triton.cdiv(n * num_patches, block_m), sizes, meta
 
 

@@ -7,8 +7,9 @@
     out        (N, 1+L, D) contiguous, dtype = promote(x, pos_embed) as the reference's `+ pos_embed`
 
 Forward, one pass: a program owns a (rows, D) tile of one sample's output and finds, for each output position, the
-kept token that lands there by comparing against the sample's K indices in registers (K <= 256, a few hundred
-integer compares per row), so no inverse permutation is materialised and no output row is written twice.
+kept token that lands there by comparing against the sample's K indices in registers, at most MAX_BLOCK_K of them
+at a time (one chunk at ViT-B/16's K = 49; any K works), so no inverse permutation is materialised and no output
+row is written twice.
 
 Backward, one pass over grad_out (no atomics): a program owns one sample and a D slice, walks the 1+L rows, writes
 the cls and kept rows to grad_x (distinct destinations) and sums the masked rows in fp32 into a per-sample partial;
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from model.kernel_tiles import next_pow2
 from model.kernels._common import (
     FLOAT_DTYPES,
     check_device,
@@ -30,21 +32,24 @@ from model.kernels._common import (
     check_ids_keep,
     device_context,
     fail,
-    next_pow2,
 )
 
 BLOCK_ROWS = 32
 BLOCK_COLS = 128  # 32 x 128 tile: 16 elements per thread at 8 warps; D = 512 -> 4 column blocks
+MAX_BLOCK_K = 256  # kept indices compared per chunk: a 32 x 256 int32 tile, 32 registers per thread at 8 warps
 
 
 @triton.jit
-def _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K: tl.constexpr):
-    """(BLOCK_R,) row of x that output row r takes: 0 for the cls row, 1+k where ids_keep[n, k] == r-1, else -1."""
-    kk = tl.arange(0, BLOCK_K)
-    k_ok = kk < K
-    keep = tl.load(ids_ptr + n.to(tl.int64) * s_idn + kk * s_idk, mask=k_ok, other=0).to(tl.int32)
-    hit = (keep[None, :] == (r - 1)[:, None]) & k_ok[None, :]
-    src_k = tl.max(tl.where(hit, kk[None, :], -1), axis=1)
+def _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr):
+    """(BLOCK_R,) row of x that output row r takes: 0 for the cls row, 1+k where ids_keep[n, k] == r-1, else -1.
+    The K indices are compared in K_CHUNKS unrolled chunks of BLOCK_K (one at ViT-B/16's K = 49)."""
+    src_k = tl.zeros_like(r) - 1
+    for chunk in tl.static_range(K_CHUNKS):
+        kk = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        keep = tl.load(ids_ptr + n.to(tl.int64) * s_idn + kk * s_idk, mask=k_ok, other=0).to(tl.int32)
+        hit = (keep[None, :] == (r - 1)[:, None]) & k_ok[None, :]
+        src_k = tl.maximum(src_k, tl.max(tl.where(hit, kk[None, :], -1), axis=1))
     return tl.where(r == 0, 0, tl.where(src_k >= 0, src_k + 1, -1))
 
 
@@ -52,13 +57,14 @@ def _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K: tl.constexpr):
 def _unshuffle_fwd_kernel(x_ptr, ids_ptr, mt_ptr, pe_ptr, out_ptr,
                           R, K, D,
                           s_xn, s_xr, s_xd, s_idn, s_idk, s_mtd, s_pr, s_pd,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                          K_CHUNKS: tl.constexpr):
     n = tl.program_id(0)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = r < R
     d_ok = d < D
-    src = _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K)
+    src = _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K, K_CHUNKS)
     from_x = src >= 0
     tile_ok = r_ok[:, None] & d_ok[None, :]
     xv = tl.load(x_ptr + n.to(tl.int64) * s_xn + src[:, None] * s_xr + d[None, :] * s_xd,
@@ -75,7 +81,8 @@ def _unshuffle_fwd_kernel(x_ptr, ids_ptr, mt_ptr, pe_ptr, out_ptr,
 def _unshuffle_bwd_kernel(g_ptr, ids_ptr, gx_ptr, partial_ptr,
                           R, K, D,
                           s_gn, s_gr, s_gd, s_idn, s_idk,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                          K_CHUNKS: tl.constexpr):
     n = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -85,7 +92,7 @@ def _unshuffle_bwd_kernel(g_ptr, ids_ptr, gx_ptr, partial_ptr,
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < R
-        src = _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K)
+        src = _source_rows(ids_ptr, n, s_idn, s_idk, r, K, BLOCK_K, K_CHUNKS)
         to_x = (src >= 0) & r_ok
         g = tl.load(g_base + r[:, None] * s_gr + d[None, :] * s_gd, mask=r_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
@@ -95,8 +102,10 @@ def _unshuffle_bwd_kernel(g_ptr, ids_ptr, gx_ptr, partial_ptr,
     tl.store(partial_ptr + n * D + d, acc, mask=d_ok)
 
 
-def _block_k(k: int) -> int:
-    return max(2, next_pow2(k))
+def _k_blocks(k: int) -> dict[str, int]:
+    """BLOCK_K (indices compared at a time) and K_CHUNKS (how many such chunks cover the K kept indices)."""
+    block_k = min(MAX_BLOCK_K, max(2, next_pow2(k)))
+    return {"BLOCK_K": block_k, "K_CHUNKS": max(1, triton.cdiv(k, block_k))}
 
 
 @torch.library.custom_op("supmae::unshuffle_decoder_tokens", mutates_args=())
@@ -111,7 +120,7 @@ def _unshuffle_op(x: Tensor, ids_keep: Tensor, mask_token: Tensor, pos_embed: Te
         _unshuffle_fwd_kernel[grid](
             x, ids_keep, mask_token, pos_embed, out, rows, k1 - 1, d,
             *x.stride(), *ids_keep.stride(), mask_token.stride(2), pos_embed.stride(1), pos_embed.stride(2),
-            BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_COLS, BLOCK_K=_block_k(k1 - 1), num_warps=8,
+            BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_COLS, **_k_blocks(k1 - 1), num_warps=8,
         )
     return out
 
@@ -135,7 +144,7 @@ def _unshuffle_bwd_op(grad_out: Tensor, ids_keep: Tensor, x_dtype: torch.dtype) 
     with device_context(grad_out.device):
         _unshuffle_bwd_kernel[grid](
             grad_out, ids_keep, grad_x, partial, rows, k, d, *grad_out.stride(), *ids_keep.stride(),
-            BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_COLS, BLOCK_K=_block_k(k), num_warps=8,
+            BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_COLS, **_k_blocks(k), num_warps=8,
         )
     return grad_x, partial
 

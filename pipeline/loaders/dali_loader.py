@@ -21,8 +21,17 @@ restorable mid-epoch. DALI's buffer shuffle never mixes epochs and puts the padd
 separate buffer segment per epoch), so the reader's epoch is exactly `RankLayout.reader_batches` runs, padding at
 positions >= the rank's shard size. `pipe.checkpoint()` is the state after the last *returned* run, whatever the
 prefetch queue holds (verified: restoring it continues with the next batch, mid-epoch and across epochs), so the
-saved position is (epoch, batch, runs to discard) + that checkpoint. Outputs reach torch zero-copy through
-DLPack; with the dynamic executor a returned buffer stays valid while the tensor lives (tested).
+saved position is (epoch, batch, runs to discard) + that checkpoint.
+
+Hand-off to torch, on the GPU: `pipe.run(stream)` with torch's current CUDA stream, so the outputs are ordered on
+that stream (DALI makes the stream wait for them) instead of the host waiting for DALI every batch, and they reach
+torch zero-copy through DLPack (on the same stream: no further wait). With the dynamic executor a returned buffer
+stays valid while a reference to it lives (tested), but the consumer drops a batch as soon as it has *enqueued* the
+work that reads it (visible-patch gather, loss forward and backward). How long the memory is kept: every handed-over
+batch's tensors are held by `pipeline.loaders.lifetime.HeldBuffers` until the consumer has dropped the batch and a
+CUDA event recorded on the stream after that point has completed, so the pipeline can only reuse the memory once
+no queued kernel can read it (the module describes the contract). On the CPU backend nothing is queued: a dropped
+batch's buffers go at the next hand-over.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from pipeline.loaders.base import (
     ShardSet,
     derive_seed,
 )
+from pipeline.loaders.lifetime import HeldBuffers, cuda_marker
 from pipeline.shards.shard_format import IMAGE_EXT, LABEL_EXT, VERIFY_HINT, ShardFormatError
 
 READER_NAME = "shards"
@@ -184,6 +194,7 @@ class DaliLoader(LoaderBase):
         self._skip_runs = 0  # reader batches of the finished epoch still to discard (drop_last tail)
         self._recent_sources: deque = deque(maxlen=cfg.prefetch + 2)
         self._failure: Exception | None = None
+        self._held = HeldBuffers(cuda_marker(device) if device.type == "cuda" else None)
 
     # -- pipeline ------------------------------------------------------------------------------------------------
 
@@ -208,9 +219,13 @@ class DaliLoader(LoaderBase):
             self._checkpoint = self._pipe.checkpoint()
             self._pipe = None
 
+    def _stream(self):
+        """torch's current stream on the GPU (outputs ordered on it, see the module doc); None: host-synchronous."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
     def _run(self, pipe):
         try:
-            outputs = pipe.run()
+            outputs = pipe.run(self._stream())
         except RuntimeError as e:
             self._pipe = None
             self._failure = self._explain_failure(e)
@@ -238,7 +253,10 @@ class DaliLoader(LoaderBase):
                 self._skip_runs = self.layout.reader_batches - self.batches_per_epoch
             n = self.cfg.batch_size
             valid, num_valid = self._valid_mask(index, n)
-            yield Batch(self._to_torch(images), self._to_torch(labels).view(n), valid, num_valid)
+            batch = Batch(self._to_torch(images), self._to_torch(labels).view(n), valid, num_valid)
+            self._held.collect()
+            self._held.hold(batch, (batch.images, batch.labels))
+            yield batch
 
     # -- state ---------------------------------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ from train.eval.encoder import (
 from train.eval.results import checkpoints_to_evaluate, make_result, pending_checkpoints, write_result
 from train.system.device import describe_environment, environment_record
 from train.system.nvidia import detect_nvidia
-from train.trainer import DTYPES, resolve_compile, resolve_precision
+from train.trainer import DTYPES, configure_tf32, resolve_compile, resolve_precision
 
 TOPK = (1, 5)
 
@@ -334,6 +334,7 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
                    for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
+    configure_tf32(cfg.tf32, env.device)
     settings = cfg.settings(env.device)
     environment = environment_record(env.device, compile=settings.compile,
                                      nvidia=detect_nvidia() if env.is_main else None)

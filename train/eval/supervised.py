@@ -277,7 +277,7 @@ class Protocol:
                           trainable_parameters=sum(p.numel() for p in trainer.params))
             log.message(f"{self.name}: {source.name} (step {source.step}), {num_classes} classes, {img_size}px; "
                         f"{manifest.num_samples} training images, {eval_loader.num_samples} eval images")
-            log.message(f"processes: {trainer.world_size} on {trainer.device.type}, precision {trainer.precision}, "
+            log.message(f"processes: {trainer.world_size} on {trainer.device.type}, precision {trainer.numerics}, "
                         f"batch {cfg.batch_size}/process x {cfg.accum_steps} accum x {trainer.world_size} = "
                         f"{cfg.effective_batch(trainer.world_size)}; peak lr {trainer.peak_lr:.3e}; "
                         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps")
