@@ -245,6 +245,27 @@ def test_encoder_from_original_pth_encoder_only_pth_and_random(tmp_path):
         resolve_source(tmp_path / "junk.pt")
 
 
+def test_finetuning_fc_norm_starts_fresh_as_officially_or_from_the_pretrained_norm(tmp_path):
+    source = tiny_source(seed=5)
+    # a trained final norm, so that copying it is visible
+    source.state["norm.weight"].uniform_(0.5, 1.5)
+    source.state["norm.bias"].uniform_(-0.5, 0.5)
+    task = finetune_task(tmp_path)  # the defaults: models_vit.py's new fc_norm, the pre-trained norm dropped
+    assert task.cfg.fc_norm_init == "fresh"
+    fresh = build_vit(source, 5, "avg")
+    assert torch.equal(fresh.fc_norm.weight, torch.ones(32)) and torch.equal(fresh.fc_norm.bias, torch.zeros(32))
+    assert isinstance(fresh.norm, torch.nn.Identity)  # timm's fc_norm model has no per-token norm
+    copied = build_vit(source, 5, "avg", fc_norm_init="pretrained")
+    assert torch.equal(copied.fc_norm.weight, source.state["norm.weight"])
+    assert torch.equal(copied.fc_norm.bias, source.state["norm.bias"])
+    for vit in (fresh, copied):  # every other encoder tensor is the pre-trained one
+        assert torch.equal(vit.blocks[2].mlp.fc2.weight, source.state["blocks.2.mlp.fc2.weight"])
+    token = build_vit(source, 5, "token")  # the cls-token head keeps the pre-trained per-token norm
+    assert torch.equal(token.norm.weight, source.state["norm.weight"])
+    with pytest.raises(ValueError, match="--fc-norm-init copy is invalid: must be one of fresh, pretrained"):
+        finetune_task(tmp_path, "fc_norm_init", "copy")
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("finetune", ["--data", "d", "--eval-data", "v"], "--ckpt is required"),
     ("finetune", ["--data", "d", "--eval-data", "v", "--ckpt", "random"], "--ckpt random needs --model"),

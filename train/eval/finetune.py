@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from pipeline.loaders.base import Batch
 from train.config import option_field as _f
 from train.distributed import DistEnv
-from train.eval.encoder import GLOBAL_POOLS, PretrainedSource, build_vit, encoder_forward_flops
+from train.eval.encoder import FC_NORM_INITS, GLOBAL_POOLS, PretrainedSource, build_vit, encoder_forward_flops
 from train.eval.supervised import ClassifierTask, Protocol, SupervisedConfig, trunc_normal_head
 
 
@@ -60,6 +60,8 @@ class FinetuneConfig(SupervisedConfig):
     layer_decay: float | None = _f(None, "layer-wise lr decay (none = 0.65 up to 12 blocks, 0.75 deeper)")
     drop_path: float | None = _f(None, "stochastic depth rate (none = 0.1 up to 12 blocks, 0.2 to 24, 0.3 deeper)")
     global_pool: str = _f("avg", "avg (mean of the patch tokens, then fc_norm) | token (cls token)")
+    fc_norm_init: str = _f("fresh", "fresh (weight 1, bias 0; the pre-trained final norm dropped, as officially) | "
+                                    "pretrained (copy the final norm into fc_norm)")
     smoothing: float = _f(0.1, "label smoothing")
     mixup: float = _f(0.8, "mixup alpha (0 = off)")
     cutmix: float = _f(1.0, "cutmix alpha (0 = off)")
@@ -77,6 +79,7 @@ class FinetuneConfig(SupervisedConfig):
             ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "a number in (0, 1] or none"),
             ("drop_path", self.drop_path is None or 0 <= self.drop_path < 1, "a number in [0, 1) or none"),
             ("global_pool", self.global_pool in GLOBAL_POOLS, "one of " + ", ".join(GLOBAL_POOLS)),
+            ("fc_norm_init", self.fc_norm_init in FC_NORM_INITS, "one of " + ", ".join(FC_NORM_INITS)),
             ("smoothing", 0 <= self.smoothing < 1, "a number in [0, 1)"),
             ("mixup", self.mixup >= 0, "a number >= 0"),
             ("cutmix", self.cutmix >= 0, "a number >= 0"),
@@ -108,7 +111,8 @@ class FinetuneTask(ClassifierTask):
         depth = source.model_cfg.depth
         self.layer_decay = cfg.layer_decay if cfg.layer_decay is not None else default_layer_decay(depth)
         self.drop_path = cfg.drop_path if cfg.drop_path is not None else default_drop_path(depth)
-        model = build_vit(source, num_classes, cfg.global_pool, drop_path=self.drop_path, img_size=cfg.img_size)
+        model = build_vit(source, num_classes, cfg.global_pool, drop_path=self.drop_path, img_size=cfg.img_size,
+                          fc_norm_init=cfg.fc_norm_init)
         trunc_normal_head(model.head, std=2e-5)
         super().__init__(model, num_classes)
         self.cfg = cfg
