@@ -3,8 +3,8 @@
 For machines without DALI, and the baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
 semantics as the DALI loader (`pipeline.loaders.base`): DALI's rank ranges and padding (`RankLayout`), labels from the
 `.lbl` member, train = shard order reshuffled per epoch from the seed (same on every rank) + a shuffle buffer of
-`shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ torchvision's RandAugment with
-augment="finetune": the operation set and magnitude ranges of DALI's suite, bilinear warps, grey fill), eval =
+`shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ timm's own RandAugment with augment="finetune",
+the official rand-m9-mstd0.5-inc1: pipeline.loaders.randaugment), eval =
 Resize(int(S / crop_ratio), bicubic) + CenterCrop(S) in shard order.
 
 Exact resume without replaying: the epoch's whole plan (which sample goes to which batch position) is a pure
@@ -32,8 +32,6 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RANDAUG_BINS,
-    RANDAUG_FILL,
     Batch,
     LoaderBase,
     LoaderConfig,
@@ -41,6 +39,7 @@ from pipeline.loaders.base import (
     ShardSet,
     derive_seed,
 )
+from pipeline.loaders.randaugment import RandAugmentPolicy, TimmRandAugment
 from pipeline.shards.shard_format import (
     IMAGE_EXT,
     LABEL_EXT,
@@ -177,10 +176,7 @@ class SampleTransform:
         self.ratio = cfg.random_aspect_ratio
         self.randaugment = None
         if cfg.randaugment:
-            import torchvision.transforms as T
-
-            self.randaugment = T.RandAugment(cfg.randaug_n, cfg.randaug_m, RANDAUG_BINS,
-                                             T.InterpolationMode.BILINEAR, [RANDAUG_FILL] * 3)
+            self.randaugment = TimmRandAugment(RandAugmentPolicy.from_loader_config(cfg), cfg.img_size)
 
     def __call__(self, img, seed: int) -> np.ndarray:
         import torchvision.transforms as T
@@ -196,7 +192,7 @@ class SampleTransform:
                 if flip:
                     img = F.hflip(img)
                 if self.randaugment is not None:
-                    img = self.randaugment(img)  # its draws follow the crop's and the flip's
+                    img = self.randaugment(img, seed)  # timm draws from Python's and numpy's RNGs
         else:
             img = F.center_crop(F.resize(img, self.resize, bicubic, antialias=True), [self.size, self.size])
         return np.asarray(img)

@@ -3,11 +3,13 @@
     ./launch.sh finetune --ckpt RUN_DIR_OR_FILE --data TRAIN_SHARDS --eval-data EVAL_SHARDS [--field-name value ...]
 
 The encoder becomes timm's VisionTransformer (train.eval.encoder.ViTEncoder: uint8 NHWC batches in, channels-last)
-with a new head on the global pool (or the cls token). Defaults are MAE's ViT-B recipe with SupMAE's base lr
-(../shared/FACTS.md section 1): 100 epochs (5 warm-up), effective batch 1024 (128 per GPU on 8), AdamW (0.9,
-0.999), blr 1e-3, weight decay 0.05, layer-wise lr decay 0.65 (0.75 beyond 12 blocks; timm's
-`param_groups_layer_decay`), drop path 0.1 (0.2 / 0.3 for 24 / 32 blocks), RandomResizedCrop(0.08-1) + flip +
-RandAugment(2, 9) in the loader (DALI's `auto_aug.rand_augment`), random erasing 0.25 (timm's, per sample, on the
+with a new head on the global pool (or the cls token); as in the official models_vit.py the pooled feature goes
+through a fresh `fc_norm` (weight 1, bias 0) and the pre-trained final norm is dropped (`--fc-norm-init pretrained`
+copies it instead). Defaults are MAE's ViT-B recipe with SupMAE's base lr (docs/evaluation.md has the table with
+the official sources): 100 epochs (5 warm-up), effective batch 1024 (128 per GPU on 8), AdamW (0.9, 0.999), blr
+1e-3, weight decay 0.05, layer-wise lr decay 0.65 (0.75 beyond 12 blocks; timm's `param_groups_layer_decay`), drop
+path 0.1 (0.2 / 0.3 for 24 / 32 blocks), RandomResizedCrop(0.08-1) + flip + timm's RandAugment
+rand-m9-mstd0.5-inc1 in the loader (pipeline.loaders.randaugment), random erasing 0.25 (timm's, per sample, on the
 device batch), mixup 0.8 / cutmix 1.0 (timm's `Mixup`, label smoothing 0.1, SoftTargetCrossEntropy), optional EMA
 of the weights (timm's ModelEmaV3). Top-1 / top-5 on --eval-data every epoch; `checkpoints/best.pt` keeps the best.
 """
@@ -67,8 +69,10 @@ class FinetuneConfig(SupervisedConfig):
     cutmix: float = _f(1.0, "cutmix alpha (0 = off)")
     mixup_prob: float = _f(1.0, "probability of mixing a batch (mixup or cutmix)")
     mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
-    randaug_n: int = _f(2, "RandAugment operations per image (0 = off)")
+    randaug_n: int = _f(2, "RandAugment operations per image, each applied with probability 0.5 (0 = off)")
     randaug_m: int = _f(9, "RandAugment magnitude on timm's 0..10 scale")
+    randaug_mstd: float = _f(0.5, "std of the Gaussian noise on each applied operation's magnitude (timm's mstd)")
+    randaug_inc: bool = _f(True, "timm's increasing-severity operation set (inc1; false: timm's plain set)")
     reprob: float = _f(0.25, "random erasing probability per image (0 = off)")
     ema: bool = _f(False, "keep an exponential moving average of the weights and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per step")
@@ -87,6 +91,7 @@ class FinetuneConfig(SupervisedConfig):
             ("mixup_switch_prob", 0 <= self.mixup_switch_prob <= 1, "a number in [0, 1]"),
             ("randaug_n", self.randaug_n >= 0, "an integer >= 0"),
             ("randaug_m", 0 <= self.randaug_m <= 10, "an integer in [0, 10]"),
+            ("randaug_mstd", self.randaug_mstd >= 0, "a number >= 0"),
             ("reprob", 0 <= self.reprob <= 1, "a number in [0, 1]"),
             ("ema_decay", 0 < self.ema_decay < 1, "a number in (0, 1)"),
             ("betas", all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
@@ -179,7 +184,8 @@ PROTOCOL = Protocol(
     name="finetune",
     config_cls=FinetuneConfig,
     make_task=FinetuneTask,
-    train_augment=lambda cfg: {"augment": "finetune", "randaug_n": cfg.randaug_n, "randaug_m": cfg.randaug_m},
+    train_augment=lambda cfg: {"augment": "finetune", "randaug_n": cfg.randaug_n, "randaug_m": cfg.randaug_m,
+                               "randaug_mstd": cfg.randaug_mstd, "randaug_inc": cfg.randaug_inc},
     description="End-to-end fine-tuning of a pre-trained encoder with a new classifier head (MAE protocol).",
 )
 check, run = PROTOCOL.check, PROTOCOL.run
