@@ -30,7 +30,7 @@ Training and evaluation
   knn          k-NN accuracy of a frozen encoder
 
 Measurement
-  bench        throughput and compute-to-accuracy benchmarks (pipeline, model, kernels, e2e, shard, compute)
+  bench        throughput and compute-to-accuracy benchmarks (pipeline, model, kernels, e2e, shard, compute, mixing)
   demo         the end-to-end demo: built-in data -> shards -> SupMAE vs MAE -> k-NN -> report
 
 Environment

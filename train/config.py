@@ -21,6 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from model.config import ModelConfig, model_config
+from pipeline.loaders.base import DEFAULT_SHUFFLE_BUFFER
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SWITCHES = ("auto", "on", "off")
@@ -123,7 +124,8 @@ class LoopConfig(RunConfig):
     skip_nonfinite: int = _f(0, "skip up to N steps with non-finite loss/gradients before stopping")
     random_area: tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop area range, e.g. 0.2,1.0")
     random_aspect_ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
-    shuffle_buffer: int = _f(1024, "samples in the loader's shuffle buffer")
+    shuffle_buffer: int = _f(DEFAULT_SHUFFLE_BUFFER, "samples in the loader's shuffle buffer per process "
+                                                     "(host memory: this x the mean JPEG size)")
     ckpt_every: int = _f(1000, "checkpoint every N steps (0 = only at epoch ends and on signals)")
     keep: int = _f(3, "keep the newest N checkpoints")
     keep_every: int = _f(0, "also keep the epoch-end checkpoint of every N-th epoch for good (0 = none)")

@@ -61,6 +61,10 @@ OUTPUT_DTYPES = ("uint8", "float16")
 AUGMENTS = ("pretrain", "finetune")
 # RandAugment magnitudes are on timm's 0..10 scale (MAE's "rand-m9-mstd0.5-inc1": 9 of 10); randaugment.py.
 RANDAUG_MAX_LEVEL = 10
+# Samples in the training shuffle buffer (DALI initial_fill) per rank: with 1,000-sample shards it brings the
+# re-meeting of samples across epochs near a full permutation's at about 0.9 GB of host memory per rank for
+# ImageNet's ~115 KB JPEGs (pipeline/loaders/mixing.py; the measurement is in docs/data-pipeline.md).
+DEFAULT_SHUFFLE_BUFFER = 8192
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_VERSION = 1
@@ -91,7 +95,7 @@ class LoaderConfig:
     random_area: tuple[float, float] = (0.2, 1.0)
     random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     crop_ratio: float = 0.875  # eval resize of the shorter side = int(img_size / crop_ratio)
-    shuffle_buffer: int = 1024  # DALI initial_fill (the torch backend shuffles through a buffer of the same size)
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # DALI initial_fill (the torch backend: a buffer of the same size)
     hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder (cuda only)
     prefetch: int = 2  # batches prepared ahead (DALI prefetch_queue_depth, DataLoader prefetch_factor)
     drop_last: bool | None = None  # None: True for train, False for eval (eval must see every sample)

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "shard": "sharding throughput vs plain tar copy and decode+encode cost",
     "trainer_overhead": "the trainer's real loop vs a bare loop over the same step (overhead must stay under 5%)",
     "compute": "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)",
+    "mixing": "data-order mixing: the loaders' shuffle buffer vs a full permutation (sample indices only)",
 }
 
 
