@@ -62,6 +62,29 @@ def test_paper_recipes():
     assert cfg_of("--recipe", "mae_vit_tiny_demo").model_config().decoder_depth == 8
 
 
+def test_recipes_state_their_batch_and_where_their_warm_up_comes_from():
+    from pathlib import Path
+
+    from train.recipes import batch_warning
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for name, r in RECIPES.items():
+        assert r.effective_batch == (4096 if "in1k" in name else 128), name
+        official = name in ("supmae_vit_base_in1k_400ep", "mae_vit_base_in1k_1600ep")
+        assert r.warmup_source.startswith("official: " if official else "this project's choice"), name
+        if official:
+            assert "PRETRAIN.md line" in r.warmup_source
+        assert r.warmup_source in table, f"docs/training.md lacks the warm-up source of {name}"
+    assert RECIPES["supmae_vit_tiny_demo"].eval_recipe == "small" and not RECIPES["mae_vit_base_in1k_400ep"].eval_recipe
+    # far below the recipe's batch: a warning that says what to change
+    r = RECIPES["supmae_vit_base_in1k_400ep"]
+    assert batch_warning("x", r, 512, 1, 8, 2.4e-3) is None and batch_warning("x", r, 128, 1, 8, 6e-4) is None
+    w = batch_warning("supmae_vit_base_in1k_400ep", r, 64, 1, 2, 7.5e-5)
+    assert w.startswith("warning: effective batch 128 (64 x 1 accum x 2 processes) is 32x below the 4096 the "
+                        "recipe supmae_vit_base_in1k_400ep is tuned for")
+    assert "use --batch-size 2048 on 2 process(es) or --accum-steps 32" in w and "*_demo recipe" in w
+
+
 def test_recipe_values_are_copies():
     recipe_values("supmae_vit_tiny_demo")["model_args"]["depth"] = 99
     assert recipe_values("supmae_vit_tiny_demo")["model_args"]["depth"] == 6
