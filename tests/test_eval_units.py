@@ -297,6 +297,10 @@ def test_protocol_recipes_linear_probe_batches_and_defaults(tmp_path):
     with pytest.raises(ValueError, match="unknown linprobe recipe 'supmae'; did you mean supmae_in1k"):
         protocol_values("linprobe", {"recipe": "supmae"})
     assert "supmae_in1k" in PROTOCOL.help_text() and "mae_in1k    *" in PROTOCOL.help_text()
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    assert "| linprobe | `mae_in1k` (**default**) |" in docs and "| linprobe | `supmae_in1k` |" in docs
 
 
 def test_comparison_probes_demo_checkpoints_with_the_small_recipes(tmp_path, monkeypatch):
