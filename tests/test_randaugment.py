@@ -224,3 +224,35 @@ def test_loader_config_randaugment_fields():
                                           "randaug_mstd": 0.25, "randaug_inc": False}
     default = FinetuneConfig(data="d", eval_data="v", ckpt="x.pth")
     assert (default.randaug_n, default.randaug_m, default.randaug_mstd, default.randaug_inc) == (2, 9, 0.5, True)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (DALI's GPU operators); the "
+                    "CPU tests above run the same graph on DALI's CPU backend")
+def test_gpu_graph_equals_the_cpu_graph():
+    """The same draws on the GPU backend give the CPU backend's pixels (to rounding)."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (S, S, 3), dtype=np.uint8) for _ in range(30)]
+    policy = RandAugmentPolicy()
+    cases = [(k % 15, (k * 7) % 15, 5 + k % 6, k % 2) for k in range(30)]
+
+    def outputs(gpu: bool):
+        @pipeline_def(batch_size=30, num_threads=1, device_id=0, seed=1, enable_conditionals=True)
+        def pipe():
+            x = fn.external_source(source=lambda: imgs, layout="HWC")
+            op = fn.external_source(source=lambda: [np.array(c[:2], np.int32) for c in cases])
+            applied = fn.external_source(source=lambda: [np.array([True, True]) for _ in cases])
+            mag = fn.external_source(source=lambda: [np.array([c[2], c[2]], np.float64) for c in cases])
+            neg = fn.external_source(source=lambda: [np.array([c[3], 1 - c[3]], np.int32) for c in cases])
+            return apply_draws(x.gpu() if gpu else x, policy, Draws(op, applied, mag, neg), (S, S))
+
+        p = pipe()
+        p.build()
+        (out,) = p.run()
+        return [np.asarray(t) for t in (out.as_cpu() if gpu else out)]
+
+    for (k, _, m, neg), a, b in zip(cases, outputs(False), outputs(True), strict=True):
+        d = np.abs(a.astype(int) - b.astype(int))
+        assert d.mean() < 1.0 and (d > 2).mean() < 0.02, (policy.ops[k], m, neg, d.mean())
