@@ -222,7 +222,7 @@ def test_finetuning_a_pretrained_encoder_beats_random_init(tmp_path):
 def test_small_probe_recipe_learns_on_a_tiny_set_where_the_imagenet_one_warns(tmp_path):
     """A probe on 128 colour-coded images (4 classes, chance 25%) at batch 32: MAE's ImageNet recipe scales its LARS
     lr down to 0.0125 and would end at chance (measured: top-1 25% after 90 epochs at batch 16), so it warns at
-    start-up and names the small recipe; the small recipe (MAE's peak lr 6.4, 20 epochs) learns the classes."""
+    start-up and names the small recipe; the small recipe (lr 12.8, 20 epochs) learns the classes."""
     write_tiny_shards(tmp_path / "train", num_samples=128, num_classes=4, per_shard=32, size=(20, 20))
     write_tiny_shards(tmp_path / "val", num_samples=40, num_classes=4, per_shard=20, size=(20, 20), split="val",
                       seed=1)
