@@ -41,7 +41,7 @@ Training and evaluation
   visualize    MAE's reconstruction picture of a checkpoint                          (./launch.sh visualize --help)
 
 Measurement
-  bench        benchmarks: pipeline, model, kernels, e2e, shard, memory, compute (compute-to-accuracy)
+  bench        benchmarks: pipeline, model, kernels, e2e, shard, memory, mixing, compute (compute-to-accuracy)
   demo         the end-to-end demo: built-in data -> shards -> SupMAE vs MAE -> k-NN -> report
 
 Environment (README, "Set-up")

@@ -107,17 +107,21 @@ class MaskedAutoencoderViT(nn.Module):
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
 
-        self.reset_parameters()
+        self.initialize_weights()
 
     # ------------------------------------------------------------------------------------------------------------
-    def reset_parameters(self) -> None:
-        """MAE's initialisation: sin-cos tables, xavier-uniform linears (and patch embedding), N(0, 0.02) tokens."""
+    def initialize_weights(self) -> None:
+        """The official MAE / SupMAE initialisation (`initialize_weights`), drawing from the global RNG in the same
+        order, so that a seeded model equals the official one tensor for tensor: the modules' own constructors
+        draw first (in registration order), then the sin-cos tables, xavier-uniform on the patch embedding's
+        weight viewed as (D, p*p*C), N(0, 0.02) on cls_token then mask_token, and `apply` order over the modules:
+        xavier-uniform weights and zero biases for every Linear, ones / zeros for every LayerNorm. The patch
+        embedding's bias keeps Conv2d's default initialisation (uniform in +-1/sqrt(p*p*C)), as in the original."""
         cfg = self.cfg
         self.pos_embed.data.copy_(sincos_pos_embed_2d(cfg.embed_dim, cfg.grid_size)[None])
         self.decoder_pos_embed.data.copy_(sincos_pos_embed_2d(cfg.decoder_embed_dim, cfg.grid_size)[None])
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
@@ -128,11 +132,6 @@ class MaskedAutoencoderViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Parameters that are never weight-decayed besides biases and norm weights (handled by the optimiser)."""
-        return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
 
     # ------------------------------------------------------------------------------------------------------------
     def as_nhwc(self, images: Tensor) -> Tensor:

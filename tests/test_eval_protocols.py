@@ -219,3 +219,24 @@ def test_finetuning_a_pretrained_encoder_beats_random_init(tmp_path):
                                          "--reprob", "0", "--smoothing", "0"]) == 0
         top1[name] = read_result(out / "eval.json")["top1"]
     assert top1["pretrained"] >= top1["random"] + 0.05, top1
+
+
+@pytest.mark.slow  # two probes on 128 images: 7 s on the idle 2-core build machine
+def test_small_probe_recipe_learns_on_a_tiny_set_where_the_imagenet_one_warns(tmp_path):
+    """A probe on 128 colour-coded images (4 classes, chance 25%) at batch 32: MAE's ImageNet recipe scales its LARS
+    lr down to 0.0125 and would end at chance (measured: top-1 25% after 90 epochs at batch 16), so it warns at
+    start-up and names the small recipe; the small recipe (lr 12.8, 20 epochs) learns the classes."""
+    write_tiny_shards(tmp_path / "train", num_samples=128, num_classes=4, per_shard=32, size=(20, 20))
+    write_tiny_shards(tmp_path / "val", num_samples=40, num_classes=4, per_shard=20, size=(20, 20), split="val",
+                      seed=1)
+    data = ["--data", str(tmp_path / "train"), "--eval-data", str(tmp_path / "val"), *RANDOM, *QUIET,
+            "--batch-size", "32", "--log-every", "1000"]
+    assert protocol_run("linprobe", [*data, "--out", str(tmp_path / "in1k"), "--max-steps", "1"]) == 0
+    log = (tmp_path / "in1k" / "log.txt").read_text()
+    assert ("warning: effective batch 32 (32 x 1 accum x 1 processes) is 512x below the 16384 the recipe mae_in1k "
+            "is tuned for") in log and "use --recipe small" in log
+    assert protocol_run("linprobe", [*data, "--out", str(tmp_path / "small"), "--recipe", "small",
+                                     "--eval-every", "20"]) == 0
+    assert "warning: effective batch" not in (tmp_path / "small" / "log.txt").read_text()
+    result = read_result(tmp_path / "small" / "eval.json")
+    assert result["top1"] >= 0.75, result["top1"]

@@ -245,6 +245,88 @@ def test_encoder_from_original_pth_encoder_only_pth_and_random(tmp_path):
         resolve_source(tmp_path / "junk.pt")
 
 
+def test_finetuning_fc_norm_starts_fresh_as_officially_or_from_the_pretrained_norm(tmp_path):
+    source = tiny_source(seed=5)
+    # a trained final norm, so that copying it is visible
+    source.state["norm.weight"].uniform_(0.5, 1.5)
+    source.state["norm.bias"].uniform_(-0.5, 0.5)
+    task = finetune_task(tmp_path)  # the defaults: models_vit.py's new fc_norm, the pre-trained norm dropped
+    assert task.cfg.fc_norm_init == "fresh"
+    fresh = build_vit(source, 5, "avg")
+    assert torch.equal(fresh.fc_norm.weight, torch.ones(32)) and torch.equal(fresh.fc_norm.bias, torch.zeros(32))
+    assert isinstance(fresh.norm, torch.nn.Identity)  # timm's fc_norm model has no per-token norm
+    copied = build_vit(source, 5, "avg", fc_norm_init="pretrained")
+    assert torch.equal(copied.fc_norm.weight, source.state["norm.weight"])
+    assert torch.equal(copied.fc_norm.bias, source.state["norm.bias"])
+    for vit in (fresh, copied):  # every other encoder tensor is the pre-trained one
+        assert torch.equal(vit.blocks[2].mlp.fc2.weight, source.state["blocks.2.mlp.fc2.weight"])
+    token = build_vit(source, 5, "token")  # the cls-token head keeps the pre-trained per-token norm
+    assert torch.equal(token.norm.weight, source.state["norm.weight"])
+    with pytest.raises(ValueError, match="--fc-norm-init copy is invalid: must be one of fresh, pretrained"):
+        finetune_task(tmp_path, "fc_norm_init", "copy")
+
+
+def test_protocol_recipes_linear_probe_batches_and_defaults(tmp_path):
+    """SupMAE's released probe (8192) and MAE's (16384) are named recipes; one default serves both methods and the
+    configuration classes' defaults are that recipe, so the two cannot drift apart."""
+    from train.eval.finetune import FinetuneConfig
+    from train.eval.linprobe import PROTOCOL, LinprobeConfig
+    from train.recipes import DEFAULT_PROTOCOL_RECIPES, PROTOCOL_RECIPES
+
+    assert DEFAULT_PROTOCOL_RECIPES == {"linprobe": "mae_in1k", "finetune": "supmae_in1k"}
+    probe = PROTOCOL_RECIPES["linprobe"]
+    for name, per_gpu, accum, batch in (("mae_in1k", 2048, 1, 16384), ("supmae_in1k", 512, 2, 8192)):
+        v = probe[name].values
+        assert (v["batch_size"], v["accum_steps"], v["batch_size"] * v["accum_steps"] * 8) == (per_gpu, accum, batch)
+        assert (v["blr"], v["lr"], v["epochs"], v["warmup_epochs"], v["weight_decay"]) == (0.1, None, 90, 10.0, 0.0)
+        assert probe[name].effective_batch == batch
+    for cls, protocol in ((LinprobeConfig, "linprobe"), (FinetuneConfig, "finetune")):
+        default = cls(data="d", eval_data="v", ckpt="x.pth")
+        for key, value in PROTOCOL_RECIPES[protocol][DEFAULT_PROTOCOL_RECIPES[protocol]].values.items():
+            assert getattr(default, key) == value, (protocol, key)
+    assert PROTOCOL_RECIPES["finetune"]["mae_in1k"].values["blr"] == 5e-4
+    (tmp_path / "d").mkdir()
+    base = ["--data", "d", "--eval-data", "v", "--ckpt", "x.pth"]
+    from train.config import parse_overrides
+    from train.recipes import protocol_values
+
+    cfg = LinprobeConfig(**protocol_values("linprobe", parse_overrides([*base, "--recipe", "supmae_in1k",
+                                                                        "--epochs", "50"], LinprobeConfig)))
+    assert (cfg.recipe, cfg.batch_size, cfg.accum_steps, cfg.blr, cfg.epochs) == ("supmae_in1k", 512, 2, 0.1, 50)
+    assert cfg.effective_batch(8) == 8192 and cfg.peak_lr(8) == pytest.approx(3.2)
+    with pytest.raises(ValueError, match="unknown linprobe recipe 'supmae'; did you mean supmae_in1k"):
+        protocol_values("linprobe", {"recipe": "supmae"})
+    assert "supmae_in1k" in PROTOCOL.help_text() and "mae_in1k    *" in PROTOCOL.help_text()
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    assert "| linprobe | `mae_in1k` (**default**) |" in docs and "| linprobe | `supmae_in1k` |" in docs
+
+
+def test_comparison_probes_demo_checkpoints_with_the_small_recipes(tmp_path, monkeypatch):
+    """bench compute / the demo evaluate the demo recipes' checkpoints with the protocols' small recipes (the
+    ImageNet ones do not learn at that scale), unless the protocol options name a recipe."""
+    import train.eval.linprobe as linprobe
+    from train.compare.runner import ComparisonConfig, _Evaluator
+
+    seen = []
+
+    def check(argv):
+        seen.append(argv)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(linprobe, "check", check)
+    for recipe, args, want in (("supmae_vit_tiny_demo", (), "small"), ("mae_vit_base_in1k_400ep", (), None),
+                               ("mae_vit_tiny_demo", ("--recipe", "supmae_in1k"), "supmae_in1k")):
+        cfg = ComparisonConfig(data="d", eval_data="v", out=str(tmp_path), budgets=(1.0,), protocols=("linprobe",),
+                               protocol_args={"linprobe": args})
+        with pytest.raises(KeyboardInterrupt):
+            _Evaluator(cfg, None).supervised("linprobe", tmp_path / "step.pt", recipe)
+        argv = seen[-1]
+        recipes = [argv[i + 1] for i, a in enumerate(argv) if a == "--recipe"]
+        assert recipes == ([want] if want else []), (recipe, argv)
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("finetune", ["--data", "d", "--eval-data", "v"], "--ckpt is required"),
     ("finetune", ["--data", "d", "--eval-data", "v", "--ckpt", "random"], "--ckpt random needs --model"),

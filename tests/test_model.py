@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -22,7 +23,7 @@ from model import (
     model_config,
     timm_vit_kwargs,
 )
-from model.mae import IMAGENET_MEAN, IMAGENET_STD
+from model.mae import IMAGENET_MEAN, IMAGENET_STD, MaskedAutoencoderViT
 
 SMALL = dict(img_size=32, patch_size=4, num_classes=10, depth=2, decoder_depth=2, cls_hidden=64)
 
@@ -160,6 +161,87 @@ def test_gradients_reach_every_trainable_parameter(family):
     missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0))
     assert missing == [], f"no gradient reaches {missing}"
     assert ("cls_head.0.weight" in trainable) == (family == "supmae")
+
+
+def official_sincos(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """util/pos_embed.py get_2d_sincos_pos_embed(cls_token=True) of the official repositories, in numpy."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64)
+        omega /= dim / 2.0
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float32), np.arange(grid_size, dtype=np.float32)))
+    grid = grid.reshape([2, 1, grid_size, grid_size])
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+def official_initialisation(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """The official model's fresh weights, rebuilt in plain PyTorch in its RNG order (models_mae.py /
+    models_supmae.py `__init__` + `initialize_weights`, timm 0.3.2's PatchEmbed and Block): every module constructor
+    draws its default initialisation in registration order (Conv2d, then per block qkv, proj, fc1, fc2, ...), then
+    xavier on the patch weight viewed as (D, -1), N(0, .02) on cls_token and mask_token, and `apply(_init_weights)`:
+    xavier-uniform + zero bias on every Linear (LayerNorms 1 / 0); the conv bias is never touched."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    d, dd, hidden, dhidden = cfg.embed_dim, cfg.decoder_embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), int(
+        cfg.decoder_embed_dim * cfg.mlp_ratio)
+    out: dict[str, torch.Tensor] = {}
+    linears: list[tuple[str, nn.Linear]] = []
+    conv = nn.Conv2d(cfg.in_chans, d, cfg.patch_size, cfg.patch_size)
+
+    def block(prefix, width, mlp):
+        for name, (i, o) in (("attn.qkv", (width, 3 * width)), ("attn.proj", (width, width)),
+                             ("mlp.fc1", (width, mlp)), ("mlp.fc2", (mlp, width))):
+            linears.append((f"{prefix}.{name}", nn.Linear(i, o)))
+        for norm in ("norm1", "norm2"):
+            out[f"{prefix}.{norm}.weight"], out[f"{prefix}.{norm}.bias"] = torch.ones(width), torch.zeros(width)
+
+    for i in range(cfg.depth):
+        block(f"blocks.{i}", d, hidden)
+    linears.append(("decoder_embed", nn.Linear(d, dd)))
+    for i in range(cfg.decoder_depth):
+        block(f"decoder_blocks.{i}", dd, dhidden)
+    linears.append(("decoder_pred", nn.Linear(dd, cfg.patch_dim)))
+    if cfg.cls_branch:
+        linears.append(("cls_head.0", nn.Linear(d, cfg.cls_hidden)))
+        bn = nn.BatchNorm1d(cfg.cls_hidden)
+        linears.append(("cls_head.3", nn.Linear(cfg.cls_hidden, cfg.num_classes)))
+        out.update({f"cls_head.1.{k}": v for k, v in bn.state_dict().items()})
+    cls_token, mask_token = torch.zeros(1, 1, d), torch.zeros(1, 1, dd)
+    # initialize_weights()
+    out["pos_embed"], out["decoder_pos_embed"] = official_sincos(d, cfg.grid_size), official_sincos(dd, cfg.grid_size)
+    w = conv.weight.data
+    torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    torch.nn.init.normal_(cls_token, std=0.02)
+    torch.nn.init.normal_(mask_token, std=0.02)
+    for name, lin in linears:
+        torch.nn.init.xavier_uniform_(lin.weight)
+        nn.init.constant_(lin.bias, 0)
+        out[f"{name}.weight"], out[f"{name}.bias"] = lin.weight.data, lin.bias.data
+    out.update({"patch_embed.proj.weight": conv.weight.data, "patch_embed.proj.bias": conv.bias.data,
+                "cls_token": cls_token, "mask_token": mask_token, "norm.weight": torch.ones(d),
+                "norm.bias": torch.zeros(d), "decoder_norm.weight": torch.ones(dd), "decoder_norm.bias": torch.zeros(dd)})
+    return out
+
+
+@pytest.mark.parametrize("family", ["supmae", "mae"])
+def test_seeded_initialisation_equals_the_official_one_tensor_for_tensor(family):
+    cfg = model_config(f"{family}_vit_tiny_patch16", **(SMALL | {"depth": 2, "decoder_depth": 2}))
+    torch.manual_seed(7)
+    ours = MaskedAutoencoderViT(cfg).state_dict()
+    official = official_initialisation(cfg, 7)
+    assert set(ours) == set(official)
+    different = [k for k in ours if not torch.equal(ours[k], official[k])]
+    assert different == []
+    # the patch embedding's bias is Conv2d's default draw, uniform in +-1/sqrt(p*p*C), not zeros
+    bound = 1 / cfg.patch_dim**0.5
+    bias = ours["patch_embed.proj.bias"]
+    assert bias.abs().max() <= bound and bias.abs().min() > 0 and bias.std() > bound / 4
 
 
 def test_state_dict_keys_match_the_original_releases():

@@ -62,6 +62,29 @@ def test_paper_recipes():
     assert cfg_of("--recipe", "mae_vit_tiny_demo").model_config().decoder_depth == 8
 
 
+def test_recipes_state_their_batch_and_where_their_warm_up_comes_from():
+    from pathlib import Path
+
+    from train.recipes import batch_warning
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for name, r in RECIPES.items():
+        assert r.effective_batch == (4096 if "in1k" in name else 128), name
+        official = name in ("supmae_vit_base_in1k_400ep", "mae_vit_base_in1k_1600ep")
+        assert r.warmup_source.startswith("official: " if official else "this project's choice"), name
+        if official:
+            assert "PRETRAIN.md line" in r.warmup_source
+        assert r.warmup_source in table, f"docs/training.md lacks the warm-up source of {name}"
+    assert RECIPES["supmae_vit_tiny_demo"].eval_recipe == "small" and not RECIPES["mae_vit_base_in1k_400ep"].eval_recipe
+    # far below the recipe's batch: a warning that says what to change
+    r = RECIPES["supmae_vit_base_in1k_400ep"]
+    assert batch_warning("x", r, 512, 1, 8, 2.4e-3) is None and batch_warning("x", r, 128, 1, 8, 6e-4) is None
+    w = batch_warning("supmae_vit_base_in1k_400ep", r, 64, 1, 2, 7.5e-5)
+    assert w.startswith("warning: effective batch 128 (64 x 1 accum x 2 processes) is 32x below the 4096 the "
+                        "recipe supmae_vit_base_in1k_400ep is tuned for")
+    assert "use --batch-size 2048 on 2 process(es) or --accum-steps 32" in w and "*_demo recipe" in w
+
+
 def test_recipe_values_are_copies():
     recipe_values("supmae_vit_tiny_demo")["model_args"]["depth"] = 99
     assert recipe_values("supmae_vit_tiny_demo")["model_args"]["depth"] == 6
@@ -146,24 +169,43 @@ def test_help_lists_recipes_and_options():
 # Optimiser groups and schedule
 
 
-def test_weight_decay_groups():
-    model = create_model("supmae_vit_tiny_patch16", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
-                         decoder_embed_dim=32, decoder_num_heads=2, cls_hidden=16, num_classes=3)
-    decay, no_decay = param_groups(model, 0.05)
-    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
-    assert set(decay["names"]) == {
-        "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
-        "blocks.0.mlp.fc2.weight", "decoder_embed.weight", "decoder_blocks.0.attn.qkv.weight",
-        "decoder_blocks.0.attn.proj.weight", "decoder_blocks.0.mlp.fc1.weight", "decoder_blocks.0.mlp.fc2.weight",
-        "decoder_pred.weight", "cls_head.0.weight", "cls_head.3.weight",
-    }
-    assert {"cls_token", "mask_token", "patch_embed.proj.bias", "blocks.0.norm1.weight", "norm.bias",
-            "cls_head.1.weight", "cls_head.1.bias", "decoder_pred.bias"} <= set(no_decay["names"])
-    assert not {"pos_embed", "decoder_pos_embed"} & set(decay["names"] + no_decay["names"])  # frozen sin-cos
+def official_add_weight_decay(model, weight_decay):
+    """timm 0.3.2's `optim_factory.add_weight_decay(model, weight_decay, skip_list=())`, which the official MAE /
+    SupMAE pre-training calls (main_pretrain.py line 179, main_pretrain_supmae.py line 192), re-typed here."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if len(param.shape) == 1 or name.endswith(".bias") or name in ():
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+@pytest.mark.parametrize("family", ["supmae", "mae"])
+def test_weight_decay_groups_are_the_official_pretraining_groups(family):
+    model = create_model(f"{family}_vit_tiny_patch16", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                         num_heads=2, decoder_embed_dim=32, decoder_num_heads=2, cls_hidden=16, num_classes=3)
+    groups = param_groups(model, 0.05)
+    official = official_add_weight_decay(model, 0.05)
+    assert [g["weight_decay"] for g in groups] == [g["weight_decay"] for g in official] == [0.0, 0.05]
+    for ours, theirs in zip(groups, official, strict=True):
+        assert [id(p) for p in ours["params"]] == [id(p) for p in theirs["params"]]  # same tensors, same order
+    no_decay, decay = groups
+    # The tokens are (1, 1, D), not 1-D: decayed, as in the official runs. The sin-cos tables are not trained.
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "decoder_pred.weight"} <= set(decay["names"])
+    assert {"patch_embed.proj.bias", "blocks.0.norm1.weight", "norm.bias", "decoder_pred.bias"} <= set(
+        no_decay["names"])
+    if family == "supmae":
+        assert {"cls_head.0.weight", "cls_head.3.weight"} <= set(decay["names"])
+        assert {"cls_head.1.weight", "cls_head.1.bias"} <= set(no_decay["names"])
+    assert not {"pos_embed", "decoder_pos_embed"} & set(decay["names"] + no_decay["names"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(decay["names"]) | set(no_decay["names"]) == trainable
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95))
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.05]
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in official]
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"] is True
 
 

@@ -219,6 +219,19 @@ def test_nonfinite_step_stops_the_run_with_the_last_good_state(tmp_path):
         assert torch.equal(ck["model"][k], v), k
 
 
+def test_resuming_a_checkpoint_with_other_weight_decay_groups_says_why(tmp_path):
+    """A checkpoint from a version that grouped the parameters differently (the tokens among the not-decayed) cannot
+    continue: the error says so and how to go on, instead of torch's bare size mismatch."""
+    trainer = memory_trainer(tmp_path / "a", "--max-steps", "1")
+    trainer.train()
+    state = trainer.state_dict()
+    no_decay, decay = state["optimizer"]["param_groups"]
+    no_decay["params"], decay["params"] = no_decay["params"] + decay["params"][:2], decay["params"][2:]
+    with pytest.raises(ValueError, match=r"the checkpoint's optimiser state has parameter groups of \[\d+, \d+\] "
+                                         r"tensors, this version builds .* --init CHECKPOINT"):
+        memory_trainer(tmp_path / "b").load_state_dict(state)
+
+
 def test_skip_nonfinite_counts_and_continues(tmp_path):
     trainer = memory_trainer(tmp_path, "--skip-nonfinite", "2", "--epochs", "1", "--log-every", "2",
                              loader=memory_loader(nan_batches={2, 5}))

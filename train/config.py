@@ -24,6 +24,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from model.config import ModelConfig, model_config
+from pipeline.loaders.base import DEFAULT_SHUFFLE_BUFFER
 from train.tracking.wandb_sink import DEFAULT_PROJECT as WANDB_DEFAULT_PROJECT
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -137,13 +138,14 @@ class LoopConfig(RunConfig):
     blr: float = _f(1.5e-4, "base learning rate: lr = blr x effective batch / 256")
     lr: float | None = _f(None, "absolute peak learning rate (overrides --blr)")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens, position embeddings)")
+    weight_decay: float = _f(0.05, "weight decay (not on biases and other 1-D tensors)")
     clip_grad: float = _f(0.0, "clip the global gradient norm to this value (0 = no clipping)")
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA)")
     skip_nonfinite: int = _f(0, "skip up to N steps with non-finite loss/gradients before stopping")
     random_area: tuple[float, float] = _f((0.2, 1.0), "RandomResizedCrop area range, e.g. 0.2,1.0")
     random_aspect_ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
-    shuffle_buffer: int = _f(1024, "samples in the loader's shuffle buffer")
+    shuffle_buffer: int = _f(DEFAULT_SHUFFLE_BUFFER, "samples in the loader's shuffle buffer per process "
+                                                     "(host memory: this x the mean JPEG size)")
     ckpt_every: int = _f(1000, "checkpoint every N steps (0 = only at epoch ends and on signals)")
     keep: int = _f(3, "keep the newest N checkpoints")
     keep_every: int = _f(0, "also keep the epoch-end checkpoint of every N-th epoch for good (0 = none)")
@@ -197,7 +199,7 @@ class TrainConfig(LoopConfig):
     seed: int = _f(0, "seed of weights, masking and data order")
     eval_every: int = _f(0, "evaluate the head's top-1 on --eval-data every N epochs (0 = never); logged only")
     accum_steps: int = _f(1, "micro-batches per optimiser step (changes the head's BatchNorm statistics)")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens, position embeddings)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases and 1-D tensors; tokens are decayed)")
     sync_bn: bool = _f(False, "SyncBatchNorm for the SupMAE head across processes (CUDA)")
     recipe: str = _f("", "named preset to start from (listed above); the other options override its fields")
     model: str = _f("supmae_vit_base_patch16", "model preset (model.list_models())")

@@ -1,7 +1,10 @@
 """Optimiser and learning-rate schedule of MAE / SupMAE pre-training.
 
-* AdamW with betas (0.9, 0.95) and weight decay 0.05 on weight matrices only: biases, norm weights (every 1-D
-  parameter, BatchNorm included), the cls / mask tokens and the position embeddings are not decayed.
+* AdamW with betas (0.9, 0.95) and weight decay 0.05, grouped as the official pre-training groups them (timm
+  0.3.2's `add_weight_decay` with no skip list, main_pretrain.py / main_pretrain_supmae.py): every 1-D tensor
+  (LayerNorm / BatchNorm weights and biases) and every `.bias` is not decayed; everything else is, the cls and
+  mask tokens included (shape (1, 1, D), not 1-D). The frozen sin-cos position embeddings are not trained at all.
+  (Fine-tuning keeps its own exclusions: train/eval/finetune.py.)
 * Peak lr = blr x effective batch / 256 (TrainConfig.peak_lr), reached by a linear warm-up and followed by a
   half-cosine to min_lr, set on every optimiser step (per iteration, as MAE's `adjust_learning_rate`).
 * Non-finite steps are skipped on the device: the fused AdamW kernel takes a `found_inf` flag and then leaves the
@@ -18,26 +21,26 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """[decayed, not decayed] parameter groups of `model` (trainable parameters only, in named_parameters order).
+    """[not decayed, decayed] parameter groups of `model`, trainable parameters only, in named_parameters order.
 
-    Not decayed: names ending in `.bias`, parameters with ndim <= 1 (LayerNorm / BatchNorm weights), and the names
-    in `model.no_weight_decay()` (tokens, position embeddings).
+    The rule and the group order of timm 0.3.2's `optim_factory.add_weight_decay(model, weight_decay)` with an empty
+    skip list, which the official MAE and SupMAE pre-training use: a parameter is not decayed when it is 1-D or its
+    name ends in `.bias`. Frozen parameters (`requires_grad=False`: the position embeddings) are left out.
     """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     decay_names, no_decay_names = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+        if p.ndim == 1 or name.endswith(".bias"):
             no_decay.append(p)
             no_decay_names.append(name)
         else:
             decay.append(p)
             decay_names.append(name)
     return [
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
         {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
+        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
     ]
 
 

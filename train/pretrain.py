@@ -34,6 +34,7 @@ from train.entry import (
     start_trainer,
 )
 from train.metrics import RunLog
+from train.recipes import RECIPES, batch_warning
 from train.task import MaskedAutoencoderTask
 from train.tracking.pictures import CheckpointPictures
 from train.trainer import NonFiniteError, Trainer, resolve_compile, resolve_precision
@@ -197,6 +198,11 @@ def _summary(log: RunLog, cfg: TrainConfig, t: Trainer, samples: int, classes: i
                 f"{cfg.effective_batch(t.world_size)}; peak lr {t.peak_lr:.3e}; {t.steps_per_epoch} steps/epoch, "
                 f"{t.total_steps} steps, {t.schedule.warmup_steps} warm-up"
                 + (f"; stopping at step {cfg.max_steps}" if cfg.max_steps else ""))
+    if cfg.recipe:
+        warning = batch_warning(cfg.recipe, RECIPES[cfg.recipe], cfg.batch_size, cfg.accum_steps, t.world_size,
+                                t.peak_lr)
+        if warning:
+            notes.append(warning)
     if cfg.accum_steps > 1 and mc.cls_branch:
         notes.append(f"warning: --accum-steps {cfg.accum_steps} with the SupMAE head: its BatchNorm normalises "
                      f"each micro-batch of {cfg.batch_size} separately, not the effective batch, which changes the "

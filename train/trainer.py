@@ -561,7 +561,16 @@ class Trainer:
                 f"(use --nproc {state['world_size']} or the same node count)"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+            sizes = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+            raise ValueError(
+                f"the checkpoint's optimiser state has parameter groups of {sizes} tensors, this version builds "
+                f"{[len(g['params']) for g in self.optimizer.param_groups]} ({e}): it was written by a version that "
+                "grouped the parameters differently (pre-training decays cls_token and mask_token since it follows "
+                "the official groups). Continue it with the version that wrote it, or start a new run from its "
+                "weights with --init CHECKPOINT") from e
         self.task.load_state_dict(state.get("task", {}))
         if self.scaler is not None:
             if state.get("scaler"):

@@ -19,8 +19,9 @@ Semantics shared by all (docs/data-pipeline.md has the user-facing version):
   number of batches; padding is flagged `valid=False`.
 * Train: the shard order is reshuffled every epoch from `seed` (the same order on every rank), then samples are
   shuffled through a buffer of `shuffle_buffer`; random-resized-crop + horizontal flip, and with
-  `augment="finetune"` RandAugment after them (DALI's `auto_aug.rand_augment`; torchvision's `RandAugment` on the
-  torch backend: same operation set and magnitude ranges, different random streams). With `drop_last` (the train
+  `augment="finetune"` RandAugment after them (timm's rand-m9-mstd0.5-inc1, `pipeline.loaders.randaugment`: on DALI
+  built from its auto_aug building blocks, on the torch backend timm's own transform: the same policy, different
+  random streams and warp filters). With `drop_last` (the train
   default) every rank yields only full batches of real samples: `batches_per_epoch = min_r(size_r) // batch_size`,
   so at most `batch_size - 1` samples per rank (a different, random few each epoch) are skipped in an epoch. With
   `drop_last=False` the last batch is completed with flagged padding and the epoch covers every sample.
@@ -64,9 +65,12 @@ OUTPUT_DTYPES = ("uint8", "float16")
 # "pretrain": random-resized crop + flip (MAE / SupMAE pre-training, linear probing); "finetune": the same followed
 # by RandAugment(randaug_n ops, magnitude randaug_m) as in MAE's fine-tuning recipe.
 AUGMENTS = ("pretrain", "finetune")
-# RandAugment magnitudes are on timm's 0..10 scale (MAE's "rand-m9-..." = 9 of 10), i.e. 11 magnitude bins.
-RANDAUG_BINS = 11
-RANDAUG_FILL = 128  # grey where a shear / rotation / translation uncovers the image (DALI's default)
+# RandAugment magnitudes are on timm's 0..10 scale (MAE's "rand-m9-mstd0.5-inc1": 9 of 10); randaugment.py.
+RANDAUG_MAX_LEVEL = 10
+# Samples in the training shuffle buffer (DALI initial_fill) per rank: with 1,000-sample shards it brings the
+# re-meeting of samples across epochs near a full permutation's at about 0.9 GB of host memory per rank for
+# ImageNet's ~115 KB JPEGs (pipeline/loaders/mixing.py; the measurement is in docs/data-pipeline.md).
+DEFAULT_SHUFFLE_BUFFER = 8192
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_VERSION = 1
@@ -98,13 +102,15 @@ class LoaderConfig:
     random_area: tuple[float, float] = (0.2, 1.0)
     random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     crop_ratio: float = 0.875  # eval resize of the shorter side = int(img_size / crop_ratio)
-    shuffle_buffer: int = 1024  # DALI initial_fill (the torch backend shuffles through a buffer of the same size)
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER  # DALI initial_fill (the torch backend: a buffer of the same size)
     hw_decoder_load: float = 0.65  # share of JPEG decoding on the A100/H100 hardware decoder (cuda only)
     prefetch: int = 2  # batches prepared ahead (DALI prefetch_queue_depth, DataLoader prefetch_factor)
     drop_last: bool | None = None  # None: True for train, False for eval (eval must see every sample)
     augment: str = "pretrain"  # train only: "pretrain" (crop + flip) | "finetune" (crop + flip + RandAugment)
-    randaug_n: int = 2  # RandAugment: operations per image (augment="finetune")
-    randaug_m: int = 9  # RandAugment: magnitude on timm's 0..10 scale (augment="finetune")
+    randaug_n: int = 2  # RandAugment (augment="finetune", timm's rand-m9-mstd0.5-inc1): operations per image
+    randaug_m: int = 9  # RandAugment: magnitude on timm's 0..10 scale
+    randaug_mstd: float = 0.5  # RandAugment: std of the Gaussian noise on the magnitude of each applied operation
+    randaug_inc: bool = True  # RandAugment: timm's increasing-severity operation set (inc1)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, os.PathLike):
@@ -143,8 +149,11 @@ class LoaderConfig:
                  "eval loaders must not drop samples (use drop_last=None or False with train=False)")
         _require(self.augment in AUGMENTS, "augment", self.augment, f"one of {AUGMENTS}")
         _require(_is_int(self.randaug_n) and self.randaug_n >= 0, "randaug_n", self.randaug_n, "an int >= 0")
-        _require(_is_int(self.randaug_m) and 0 <= self.randaug_m < RANDAUG_BINS, "randaug_m", self.randaug_m,
-                 f"an int in [0, {RANDAUG_BINS - 1}] (timm's magnitude scale)")
+        _require(_is_int(self.randaug_m) and 0 <= self.randaug_m <= RANDAUG_MAX_LEVEL, "randaug_m", self.randaug_m,
+                 f"an int in [0, {RANDAUG_MAX_LEVEL}] (timm's magnitude scale)")
+        _require(isinstance(self.randaug_mstd, (int, float)) and not isinstance(self.randaug_mstd, bool)
+                 and 0 <= self.randaug_mstd < float("inf"), "randaug_mstd", self.randaug_mstd, "a number >= 0")
+        _require(isinstance(self.randaug_inc, bool), "randaug_inc", self.randaug_inc, "True or False")
 
     @property
     def randaugment(self) -> bool:
@@ -166,7 +175,7 @@ class LoaderConfig:
         skip = {"data", "device", "decode", "num_threads", "prefetch", "hw_decoder_load"}
         if self.augment == "pretrain":
             # Positions saved before the augment option existed stay valid: the default adds nothing.
-            skip |= {"augment", "randaug_n", "randaug_m"}
+            skip |= {"augment", "randaug_n", "randaug_m", "randaug_mstd", "randaug_inc"}
         return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
 

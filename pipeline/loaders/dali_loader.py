@@ -8,8 +8,8 @@ labels are moved with `.gpu()`), so the CPU path the tests run is the GPU path's
               Train: `shuffle_after_epoch` (shard order reshuffled every epoch, one seed on all ranks) +
               `random_shuffle` through `initial_fill` samples (per-rank seed).
     train     decoders.image_random_crop (decodes only the crop window) -> resize to S x S, cubic, antialiased
-              [-> auto_aug.rand_augment (augment="finetune"), on the decoder's device; DALI's suite and
-              magnitude ranges (= torchvision's), timm's 0..10 magnitude scale, conditional execution]
+              [-> RandAugment (augment="finetune"): timm's rand-m9-mstd0.5-inc1 made of DALI auto_aug
+              augmentations under conditional execution, on the decoder's device (pipeline.loaders.randaugment)]
               -> crop_mirror_normalize (random flip, NHWC, uint8 or normalised float16)
     eval      decoders.image -> resize the shorter side to int(S / crop_ratio), cubic -> centre crop S x S, with
               torchvision's exact output sizes and crop offsets (computed from the JPEG header per sample), so
@@ -49,8 +49,6 @@ import torch
 from pipeline.loaders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    RANDAUG_BINS,
-    RANDAUG_FILL,
     Batch,
     LoaderBase,
     LoaderConfig,
@@ -59,6 +57,7 @@ from pipeline.loaders.base import (
     derive_seed,
 )
 from pipeline.loaders.lifetime import HeldBuffers, cuda_marker
+from pipeline.loaders.randaugment import RandAugmentPolicy, rand_augment
 from pipeline.shards.shard_format import IMAGE_EXT, LABEL_EXT, VERIFY_HINT, ShardFormatError
 
 READER_NAME = "shards"
@@ -146,19 +145,10 @@ def define_pipeline(cfg: LoaderConfig, shards: ShardSet, layout: RankLayout, dev
 
 
 def _rand_augment(images, cfg: LoaderConfig, layout: RankLayout):
-    """RandAugment(n=randaug_n, m=randaug_m of RANDAUG_BINS - 1) on (S, S, 3) uint8 images, per-rank seed.
-
-    Translations reach 100/224 of the side at full magnitude (timm's 0.45), warps fill with RANDAUG_FILL. Every
-    operation has a CPU and a GPU implementation, so the CPU backend runs the same graph the GPU does. (DALI 2.4's
-    own suite still calls the deprecated fn.experimental aliases of filter / equalize: it prints two
-    DeprecationWarnings per process, which its warning helper forces past any filter.)
-    """
-    from nvidia.dali.auto_aug import rand_augment
-
-    return rand_augment.rand_augment(
-        images, n=cfg.randaug_n, m=cfg.randaug_m, num_magnitude_bins=RANDAUG_BINS,
-        shape=(cfg.img_size, cfg.img_size), fill_value=RANDAUG_FILL,
-        seed=derive_seed(cfg.seed, "dali-randaugment", layout.rank))
+    """timm's RandAugment (randaug_n ops, magnitude randaug_m +- N(0, randaug_mstd), the increasing op set with
+    randaug_inc) on (S, S, 3) uint8 images, per-rank seed; every operation runs on the CPU and the GPU backend."""
+    return rand_augment(images, RandAugmentPolicy.from_loader_config(cfg), (cfg.img_size, cfg.img_size),
+                        seed=derive_seed(cfg.seed, "dali-randaugment", layout.rank))
 
 
 def _resize_centre_crop(fn, dmath, types, jpegs, images, resize: int, size: int):

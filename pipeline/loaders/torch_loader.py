@@ -3,8 +3,8 @@
 For machines without DALI, and a baseline of `./launch.sh bench pipeline`. Same `Loader` interface and the same
 semantics as the DALI loader (`pipeline.loaders.base`): DALI's rank ranges and padding (`RankLayout`), labels from the
 `.lbl` member, train = shard order reshuffled per epoch from the seed (same on every rank) + a shuffle buffer of
-`shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ torchvision's RandAugment with
-augment="finetune": the operation set and magnitude ranges of DALI's suite, bilinear warps, grey fill), eval =
+`shuffle_buffer` samples + RandomResizedCrop(bicubic) + flip (+ timm's own RandAugment with augment="finetune",
+the official rand-m9-mstd0.5-inc1: pipeline.loaders.randaugment), eval =
 Resize(int(S / crop_ratio), bicubic) + CenterCrop(S) in shard order.
 
 It shares the plan (`pipeline.loaders.plan`), the geometry and the resize (`pipeline.loaders.transforms`) with the
@@ -29,8 +29,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.loaders.base import (
-    RANDAUG_BINS,
-    RANDAUG_FILL,
     Batch,
     LoaderBase,
     LoaderConfig,
@@ -38,6 +36,7 @@ from pipeline.loaders.base import (
     ShardSet,
 )
 from pipeline.loaders.plan import EpochPlanner, SampleIndex, SampleReader, plan_for
+from pipeline.loaders.randaugment import RandAugmentPolicy, TimmRandAugment
 from pipeline.loaders.transforms import assemble_cpu, eval_geometry, normalise, train_geometry
 from pipeline.shards.shard_format import VERIFY_HINT, ShardFormatError
 
@@ -53,10 +52,7 @@ class PlannedBatches(Dataset):
         self.cfg = cfg
         self.randaugment = None
         if cfg.randaugment:
-            import torchvision.transforms as T
-
-            self.randaugment = T.RandAugment(cfg.randaug_n, cfg.randaug_m, RANDAUG_BINS,
-                                             T.InterpolationMode.BILINEAR, [RANDAUG_FILL] * 3)
+            self.randaugment = TimmRandAugment(RandAugmentPolicy.from_loader_config(cfg), cfg.img_size)
         self._reader: SampleReader | None = None
         self._epoch: int | None = None
         self._plan = np.empty(0, np.int64)
@@ -110,15 +106,13 @@ class PlannedBatches(Dataset):
         return (normalise(out) if cfg.output_dtype == "float16" else out), torch.from_numpy(labels)
 
     def _rand_augment(self, images: torch.Tensor, b: int) -> None:
-        """torchvision's RandAugment on each (S, S, 3) image in place, from a per-sample seed (the caller's torch RNG
-        is left untouched)."""
+        """timm's RandAugment (the official policy) on each (S, S, 3) image in place, from a per-sample seed (the
+        caller's RNGs are left untouched)."""
         from PIL import Image
 
         n = self.cfg.batch_size
         for k in range(n):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self._augment_seed * 1_000_003 + b * n + k) % 2**63)
-                img = self.randaugment(Image.fromarray(images[k].numpy()))
+            img = self.randaugment(Image.fromarray(images[k].numpy()), (self._augment_seed * 1_000_003 + b * n + k) % 2**63)
             images[k].copy_(torch.from_numpy(np.asarray(img).copy()))
 
 

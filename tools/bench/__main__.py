@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "trainer_overhead": "the trainer's real loop vs a bare loop over the same step (overhead must stay under 5%)",
     "compute": "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)",
     "memory": "GPU memory per model and per-GPU batch (computed; measured too on a GPU)",
+    "mixing": "data-order mixing: the loaders' shuffle buffer vs a full permutation (sample indices only)",
 }
 
 

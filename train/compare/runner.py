@@ -354,14 +354,22 @@ class _Evaluator:
         write_result(record)
         return record
 
-    def supervised(self, protocol: str, checkpoint: Path) -> None:
-        """Linear probe / fine-tune of the checkpoint with that protocol's own entry (it writes the result)."""
+    def supervised(self, protocol: str, checkpoint: Path, recipe: str) -> None:
+        """Linear probe / fine-tune of the checkpoint with that protocol's own entry (it writes the result), with the
+        protocol recipe the pre-training recipe names for its checkpoints (the demo recipes: `small`) unless the
+        protocol options choose one."""
         import importlib
 
+        from train.recipes import RECIPES
+
         module = importlib.import_module(f"train.eval.{protocol}")
+        extra = list(self.cfg.protocol_args.get(protocol, ()))
+        eval_recipe = RECIPES[recipe].eval_recipe if recipe in RECIPES else ""
+        if eval_recipe and not any(a == "--recipe" or a.startswith("--recipe=") for a in extra):
+            extra = ["--recipe", eval_recipe, *extra]
         argv = ["--ckpt", str(checkpoint), "--data", self.cfg.data, "--eval-data", self.cfg.eval_data,
                 "--device", self.cfg.device, "--display", "off", "--seed", str(self.cfg.seed), "--resume", "auto",
-                *self.cfg.protocol_args.get(protocol, ())]
+                *extra]
         status = module.run(module.check(argv), self.env)
         if status != 0:
             raise RuntimeError(f"{protocol} of {checkpoint} ended with status {status}; see its run folder's log.txt")
@@ -459,7 +467,7 @@ def run_comparison(cfg: ComparisonConfig, say: Callable[[str], None] = print) ->
                         rec = evaluator.knn(r, _checkpoint(r, step))
                         lines.append(f"k-NN top-1 {100 * rec['top1']:.2f}%")
                     else:
-                        evaluator.supervised(p, _checkpoint(r, step))
+                        evaluator.supervised(p, _checkpoint(r, step), r.recipe)
                         rec = json.loads(_result_file(r, step, p).read_text())
                         lines.append(f"{p} top-1 {100 * rec['top1']:.2f}%")
                 eval_s += time.monotonic() - t0

@@ -52,6 +52,7 @@ from train.metrics import METRICS_NAME, read_jsonl
 
 RANDOM = "random"
 GLOBAL_POOLS = ("avg", "token")
+FC_NORM_INITS = ("fresh", "pretrained")  # fine-tuning's fc_norm: new (official) or the pre-trained final norm
 _ENCODER_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.mlp.fc1.weight")
 
 
@@ -290,12 +291,14 @@ class ViTEncoder(VisionTransformer):
 
 
 def build_vit(source: PretrainedSource, num_classes: int = 0, global_pool: str = "avg", fc_norm: bool | None = None,
-              drop_path: float = 0.0, img_size: int = 0) -> ViTEncoder:
+              drop_path: float = 0.0, img_size: int = 0, fc_norm_init: str = "fresh") -> ViTEncoder:
     """The encoder of `source` as a ViTEncoder with its weights loaded (strictly, apart from the new head).
 
-    global_pool: "avg" (mean of the patch tokens) or "token" (cls token). fc_norm (avg only): True = the final norm
-    after pooling (MAE fine-tuning; initialised from the pre-trained per-token norm), False = per-token norm then
-    pooling (the feature the pre-trained network computes: frozen-feature protocols); None = timm's default (True).
+    global_pool: "avg" (mean of the patch tokens) or "token" (cls token). fc_norm (avg only): True = a LayerNorm
+    after pooling (MAE fine-tuning), False = the pre-trained per-token norm, then pooling (the feature the pre-trained
+    network computes: frozen-feature protocols); None = timm's default (True). fc_norm_init (with an fc_norm):
+    "fresh" = weight 1, bias 0, the pre-trained final norm dropped (the official fine-tuning: models_vit.py builds
+    a new `fc_norm` and deletes `norm`); "pretrained" = the pre-trained final norm's weights copied into it.
     Fine-tuned weights (their final norm is fc_norm, after pooling) always keep it: that is the network they are.
     img_size: 0 keeps the pre-training resolution; another size resamples the position embedding (bicubic).
     The new head is left for the caller to initialise.
@@ -303,7 +306,8 @@ def build_vit(source: PretrainedSource, num_classes: int = 0, global_pool: str =
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
     cfg = source.model_cfg
-    if global_pool == "avg" and final_norm_layout(source.state) == "fc_norm":
+    fine_tuned = final_norm_layout(source.state) == "fc_norm"
+    if global_pool == "avg" and fine_tuned:
         fc_norm = True
     kwargs = timm_vit_kwargs(cfg, num_classes=num_classes, global_pool=global_pool)
     kwargs.update(drop_path_rate=drop_path, fc_norm=fc_norm if global_pool == "avg" else None, weight_init="skip")
@@ -313,7 +317,16 @@ def build_vit(source: PretrainedSource, num_classes: int = 0, global_pool: str =
         kwargs["img_size"] = img_size
     vit = ViTEncoder(**kwargs)
     uses_fc_norm = not isinstance(vit.fc_norm, nn.Identity)
+    if fc_norm_init not in FC_NORM_INITS:
+        raise ValueError(f"fc_norm_init must be one of {FC_NORM_INITS}, got {fc_norm_init!r}")
+    # With an fc_norm timm's model has no per-token norm: the pre-trained `norm.*` is dropped or becomes fc_norm
+    # (fine-tuned weights bring their own trained fc_norm).
+    fresh = uses_fc_norm and fc_norm_init == "fresh" and not fine_tuned
     weights = export_timm_encoder(source.state, "avg" if uses_fc_norm else "token")
+    if fresh:
+        weights = {k: v for k, v in weights.items() if not k.startswith("fc_norm.")}
+        nn.init.ones_(vit.fc_norm.weight)
+        nn.init.zeros_(vit.fc_norm.bias)
     if kwargs["img_size"] != cfg.img_size:
         grid = kwargs["img_size"] // cfg.patch_size
         weights["pos_embed"] = resample_abs_pos_embed(weights["pos_embed"], [grid, grid], num_prefix_tokens=1)
@@ -321,7 +334,7 @@ def build_vit(source: PretrainedSource, num_classes: int = 0, global_pool: str =
         missing, unexpected = vit.load_state_dict(weights, strict=False)
     except RuntimeError as e:
         raise ValueError(f"{source.name}: the encoder weights do not fit the model {cfg}: {e}") from e
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith("head.") and not (fresh and k.startswith("fc_norm."))]
     if missing or unexpected:
         raise ValueError(f"{source.name}: encoder weights missing {missing[:5]} / unexpected {unexpected[:5]}")
     return vit

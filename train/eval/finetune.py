@@ -3,11 +3,13 @@
     ./launch.sh finetune --ckpt RUN_DIR_OR_FILE --data TRAIN_SHARDS --eval-data EVAL_SHARDS [--field-name value ...]
 
 The encoder becomes timm's VisionTransformer (train.eval.encoder.ViTEncoder: uint8 NHWC batches in, channels-last)
-with a new head on the global pool (or the cls token). Defaults are MAE's ViT-B recipe with SupMAE's base lr
-(../shared/FACTS.md section 1): 100 epochs (5 warm-up), effective batch 1024 (128 per GPU on 8), AdamW (0.9,
-0.999), blr 1e-3, weight decay 0.05, layer-wise lr decay 0.65 (0.75 beyond 12 blocks; timm's
-`param_groups_layer_decay`), drop path 0.1 (0.2 / 0.3 for 24 / 32 blocks), RandomResizedCrop(0.08-1) + flip +
-RandAugment(2, 9) in the loader (DALI's `auto_aug.rand_augment`), random erasing 0.25 (timm's, per sample, on the
+with a new head on the global pool (or the cls token); as in the official models_vit.py the pooled feature goes
+through a fresh `fc_norm` (weight 1, bias 0) and the pre-trained final norm is dropped (`--fc-norm-init pretrained`
+copies it instead). Defaults are MAE's ViT-B recipe with SupMAE's base lr (docs/evaluation.md has the table with
+the official sources): 100 epochs (5 warm-up), effective batch 1024 (128 per GPU on 8), AdamW (0.9, 0.999), blr
+1e-3, weight decay 0.05, layer-wise lr decay 0.65 (0.75 beyond 12 blocks; timm's `param_groups_layer_decay`), drop
+path 0.1 (0.2 / 0.3 for 24 / 32 blocks), RandomResizedCrop(0.08-1) + flip + timm's RandAugment
+rand-m9-mstd0.5-inc1 in the loader (pipeline.loaders.randaugment), random erasing 0.25 (timm's, per sample, on the
 device batch), mixup 0.8 / cutmix 1.0 (timm's `Mixup`, label smoothing 0.1, SoftTargetCrossEntropy), optional EMA
 of the weights (timm's ModelEmaV3). Top-1 / top-5 on --eval-data every epoch; `checkpoints/best.pt` keeps the best.
 """
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from pipeline.loaders.base import Batch
 from train.config import option_field as _f
 from train.distributed import DistEnv
-from train.eval.encoder import GLOBAL_POOLS, PretrainedSource, build_vit, encoder_forward_flops
+from train.eval.encoder import FC_NORM_INITS, GLOBAL_POOLS, PretrainedSource, build_vit, encoder_forward_flops
 from train.eval.supervised import ClassifierTask, Protocol, SupervisedConfig, trunc_normal_head
 
 
@@ -60,15 +62,17 @@ class FinetuneConfig(SupervisedConfig):
     layer_decay: float | None = _f(None, "layer-wise lr decay (none = 0.65 up to 12 blocks, 0.75 deeper)")
     drop_path: float | None = _f(None, "stochastic depth rate (none = 0.1 up to 12 blocks, 0.2 to 24, 0.3 deeper)")
     global_pool: str = _f("avg", "avg (mean of the patch tokens, then fc_norm) | token (cls token)")
+    fc_norm_init: str = _f("fresh", "fresh (weight 1, bias 0; the pre-trained final norm dropped, as officially) | "
+                                    "pretrained (copy the final norm into fc_norm)")
     smoothing: float = _f(0.1, "label smoothing")
     mixup: float = _f(0.8, "mixup alpha (0 = off)")
     cutmix: float = _f(1.0, "cutmix alpha (0 = off)")
     mixup_prob: float = _f(1.0, "probability of mixing a batch (mixup or cutmix)")
     mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
-    randaug_n: int = _f(2, "RandAugment operations per image (0 = off)")
+    randaug_n: int = _f(2, "RandAugment operations per image, each applied with probability 0.5 (0 = off)")
     randaug_m: int = _f(9, "RandAugment magnitude on timm's 0..10 scale")
-    randaug_mstd: float = _f(0.0, "std of RandAugment's per-operation magnitude noise (timm's mstd; MAE: 0.5)")
-    randaug_inc: bool = _f(False, "RandAugment's increasing-severity operations (timm's inc1; MAE: on)")
+    randaug_mstd: float = _f(0.5, "std of the Gaussian noise on each applied operation's magnitude (timm's mstd)")
+    randaug_inc: bool = _f(True, "timm's increasing-severity operation set (inc1; false: timm's plain set)")
     reprob: float = _f(0.25, "random erasing probability per image (0 = off)")
     ema: bool = _f(False, "keep an exponential moving average of the weights and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per step")
@@ -79,6 +83,7 @@ class FinetuneConfig(SupervisedConfig):
             ("layer_decay", self.layer_decay is None or 0 < self.layer_decay <= 1, "a number in (0, 1] or none"),
             ("drop_path", self.drop_path is None or 0 <= self.drop_path < 1, "a number in [0, 1) or none"),
             ("global_pool", self.global_pool in GLOBAL_POOLS, "one of " + ", ".join(GLOBAL_POOLS)),
+            ("fc_norm_init", self.fc_norm_init in FC_NORM_INITS, "one of " + ", ".join(FC_NORM_INITS)),
             ("smoothing", 0 <= self.smoothing < 1, "a number in [0, 1)"),
             ("mixup", self.mixup >= 0, "a number >= 0"),
             ("cutmix", self.cutmix >= 0, "a number >= 0"),
@@ -111,7 +116,8 @@ class FinetuneTask(ClassifierTask):
         depth = source.model_cfg.depth
         self.layer_decay = cfg.layer_decay if cfg.layer_decay is not None else default_layer_decay(depth)
         self.drop_path = cfg.drop_path if cfg.drop_path is not None else default_drop_path(depth)
-        model = build_vit(source, num_classes, cfg.global_pool, drop_path=self.drop_path, img_size=cfg.img_size)
+        model = build_vit(source, num_classes, cfg.global_pool, drop_path=self.drop_path, img_size=cfg.img_size,
+                          fc_norm_init=cfg.fc_norm_init)
         trunc_normal_head(model.head, std=2e-5)
         super().__init__(model, num_classes)
         self.cfg = cfg
@@ -178,7 +184,8 @@ PROTOCOL = Protocol(
     name="finetune",
     config_cls=FinetuneConfig,
     make_task=FinetuneTask,
-    train_augment=lambda cfg: {"augment": "finetune", "randaug_n": cfg.randaug_n, "randaug_m": cfg.randaug_m},
+    train_augment=lambda cfg: {"augment": "finetune", "randaug_n": cfg.randaug_n, "randaug_m": cfg.randaug_m,
+                               "randaug_mstd": cfg.randaug_mstd, "randaug_inc": cfg.randaug_inc},
     description="End-to-end fine-tuning of a pre-trained encoder with a new classifier head (MAE protocol).",
 )
 check, run = PROTOCOL.check, PROTOCOL.run

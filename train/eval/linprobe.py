@@ -6,8 +6,10 @@ The encoder (train.eval.encoder.ViTEncoder) is frozen, kept in eval mode and run
 GPUs); its feature is the cls token after the final norm (MAE's linear-probe setting) or the mean of the normed
 patch tokens (`--feature avg`, the feature SupMAE's classification branch sees). The head is MAE's:
 BatchNorm1d(affine=False, eps=1e-6) + Linear, trained with LARS (timm's `Lars`, trust coefficient 0.001, layer
-adaptation on the weight matrix only), momentum 0.9, weight decay 0, base lr 0.1 at effective batch 16384 (2048 per
-GPU on 8), 90 epochs with 10 warm-up, RandomResizedCrop(0.08-1) + flip. Top-1 / top-5 every epoch.
+adaptation on the weight matrix only), momentum 0.9, weight decay 0, base lr 0.1, 90 epochs with 10 warm-up,
+RandomResizedCrop(0.08-1) + flip. Top-1 / top-5 every epoch. The batch comes from the recipe (train/recipes.py):
+`mae_in1k`, the default for both methods, is MAE's effective batch 16384 (2048 per GPU on 8); `supmae_in1k` is
+SupMAE's released 8192 (512 per GPU x 2 accumulation x 8); `small` suits small data on one process.
 """
 
 from __future__ import annotations

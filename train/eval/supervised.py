@@ -47,6 +47,13 @@ from train.eval.accuracy import TopKCounter
 from train.eval.encoder import RANDOM, EncoderOptions, PretrainedSource
 from train.eval.results import checkpoints_to_evaluate, make_result, pending_checkpoints, write_result
 from train.metrics import RunLog
+from train.recipes import (
+    DEFAULT_PROTOCOL_RECIPES,
+    PROTOCOL_RECIPES,
+    batch_warning,
+    protocol_recipe,
+    protocol_values,
+)
 from train.task import Task
 from train.trainer import NonFiniteError, Trainer, resolve_compile, resolve_precision
 
@@ -59,6 +66,8 @@ class SupervisedConfig(EncoderOptions, LoopConfig):
 
     out: str = _f("", "run folder (default: RUN/eval/<checkpoint stem>.<protocol> for a checkpoint of a run, "
                       "<file stem>.<protocol> beside another file; required for --ckpt random)")
+    recipe: str = _f("", "named preset to start from (listed above; '' = the protocol's default); the other "
+                         "options override its fields")
     eval_data: str = _f("", "held-out shard folder, evaluated every --eval-every epochs; required")
     eval_every: int = _f(1, "evaluate top-1 / top-5 on --eval-data every N epochs")
     num_classes: int = _f(0, "classes of the new head (0 = the training data set's class count)")
@@ -170,7 +179,11 @@ class Protocol:
             f"usage: ./launch.sh {self.name} --ckpt RUN_DIR_OR_FILE --data TRAIN_SHARDS --eval-data EVAL_SHARDS "
             "[--field-name value ...] [--out DIR]",
             "", self.description, "",
-            "Options (defaults: the MAE / SupMAE protocol for ViT-B on 8 GPUs; docs/evaluation.md):",
+            "Recipes (--recipe NAME; the default is marked *):",
+            *(f"  {name:<12}{'*' if name == DEFAULT_PROTOCOL_RECIPES[self.name] else ' '} {r.description}"
+              for name, r in PROTOCOL_RECIPES[self.name].items()),
+            "",
+            "Options (defaults: the default recipe, for ViT-B on 8 GPUs; docs/evaluation.md):",
             *options_help(self.config_cls, "Model options (with --ckpt random: override the preset; with a .pth: "
                                            "override what is inferred):"),
             "", *LAUNCHER_HELP,
@@ -181,7 +194,7 @@ class Protocol:
         if any(a in ("-h", "--help") for a in argv):
             print(self.help_text())
             raise SystemExit(0)
-        cfg = self.config_cls(**parse_overrides(argv, self.config_cls))
+        cfg = self.config_cls(**protocol_values(self.name, parse_overrides(argv, self.config_cls)))
         cfg.check_ckpt_exists()
         if cfg.all_checkpoints:  # each checkpoint's run gets its default folder in run()
             pending_checkpoints(cfg.ckpt, self.name)
@@ -281,7 +294,9 @@ class Protocol:
                         f"batch {cfg.batch_size}/process x {cfg.accum_steps} accum x {trainer.world_size} = "
                         f"{cfg.effective_batch(trainer.world_size)}; peak lr {trainer.peak_lr:.3e}; "
                         f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps")
-            for n in notes:
+            warning = batch_warning(*protocol_recipe(self.name, cfg.recipe), cfg.batch_size, cfg.accum_steps,
+                                    trainer.world_size, trainer.peak_lr)
+            for n in notes + ([warning] if warning else []):
                 log.message(n)
             return trainer, log, source
         except BaseException:
