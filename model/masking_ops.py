@@ -7,7 +7,6 @@ both (the kernels lazily: Triton is only needed when the fused path is used).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,13 +28,22 @@ REFERENCE_OPS = MaskingOps("reference", masking.gather_visible_patches, masking.
                            masking.masked_patch_loss)
 
 
-@functools.cache
-def fused_ops() -> MaskingOps:
-    """The fused Triton set (one object for the process, so `ops is fused_ops()` identifies it)."""
-    from model import kernels
+_FUSED_OPS: MaskingOps | None = None
 
-    return MaskingOps("fused", kernels.gather_visible_patches, kernels.unshuffle_decoder_tokens,
-                      kernels.masked_patch_loss)
+
+def fused_ops() -> MaskingOps:
+    """The fused Triton set (one object for the process, so `ops is fused_ops()` identifies it).
+
+    Cached in a module global rather than with functools.cache: the model resolves its ops inside the forward pass,
+    which torch.compile traces, and dynamo guards on a global but only warns about a cache wrapper.
+    """
+    global _FUSED_OPS
+    if _FUSED_OPS is None:
+        from model import kernels
+
+        _FUSED_OPS = MaskingOps("fused", kernels.gather_visible_patches, kernels.unshuffle_decoder_tokens,
+                                kernels.masked_patch_loss)
+    return _FUSED_OPS
 
 
 def masking_ops(mode: str, device: torch.device) -> MaskingOps:
