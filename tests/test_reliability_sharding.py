@@ -24,7 +24,7 @@ from PIL import EpsImagePlugin, Image
 import pipeline.shards.shard_format as shard_format
 import pipeline.shards.sharding as sharding
 from pipeline.shards.imageproc import ImageConfig, ImageSkip, check_stored, process_image
-from pipeline.shards.shard_format import ShardWriter, load_manifest, read_samples
+from pipeline.shards.shard_format import ShardFormatError, ShardWriter, load_manifest, read_samples
 from pipeline.shards.sharding import STATE_DIR, ShardConfig, ShardingError, build_plan, run_sharding
 from pipeline.shards.sources import SourceError, open_source
 from pipeline.shards.val_labels import LabelsError, load_val_labels
@@ -463,6 +463,76 @@ def test_overwrite_deletes_only_recorded_files_and_lists_them(tmp_path, capsys):
                                             "this run would write, but no earlier shard run recorded writing them"):
         run_sharding(ShardConfig(src=src, out=out, shard_samples=3, overwrite=True, image=ImageConfig(quality=60)))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_refused_by_a_user_file_deletes_nothing(tmp_path):
+    src = small_tree(tmp_path / "src")  # 9 images: 3 shards of 3
+    out = tmp_path / "out"
+    shard(src, out)
+    (out / "src-train-000005.tar").write_text("user file with the name of a shard the next run writes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ShardingError, match=r"holds src-train-000005.tar, which this run would write, .*nothing was "
+                                            "deleted"):
+        shard(src, out, shard_samples=1, overwrite=True)  # 9 shards
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_missing_or_cut_shards_of_a_complete_folder_are_written_again_by_the_same_command(tmp_path, capsys):
+    src = small_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    first = shard(src, out).manifest
+    assert len(first.shards) == 3
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / first.shards[0].file).unlink()  # lost
+    index = out / first.shards[2].index
+    index.write_bytes(index.read_bytes()[:-7])  # cut short
+    with pytest.raises(ShardFormatError, match="delete those it reports and re-run the shard command"):
+        shard_format.check_shard_files(first, out)
+    code, text = cli(str(src), str(out), "--shard-samples", "3", "--workers", "1", capsys=capsys)
+    assert code == 0, text
+    assert f"written again (missing or cut short; each equal to what manifest.json lists): {first.shards[0].file}, " \
+           f"{first.shards[2].file}" in text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # The source changed since: the shard cannot come out as listed; nothing of that run stays, OUT is refused.
+    (out / first.shards[1].file).unlink()
+    for path in sorted(src.rglob("*.JPEG")):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size: the plan's fingerprint cannot tell
+        path.write_bytes(bytes(data))
+    with pytest.raises(ShardingError, match=rf"{first.shards[1].file} came out different from what manifest.json "
+                                            "lists .* the source has changed .* --overwrite"):
+        shard(src, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(set(before) - {first.shards[1].file,
+                                                                           first.shards[1].index})
+
+
+def test_a_run_that_writes_nothing_is_an_error(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg())
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01440764 1 2 3 4\n")
+    code, text = cli(str(flat), str(tmp_path / "out"), "--labels", str(labels), capsys=capsys)
+    assert code == 2
+    assert f"shard: error: none of the 1 inputs of {flat} can be sharded (ILSVRC2012_val_00000001.JPEG: no label " \
+           f"for this image in {labels}): check SRC and --labels" in text
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad"
+    (bad / WNIDS[0]).mkdir(parents=True)
+    (bad / WNIDS[0] / "a.JPEG").write_bytes(b"not an image")
+    code, text = cli(str(bad), str(tmp_path / "out2"), capsys=capsys)
+    assert code == 2 and "shard: error: no image was written: all 1 inputs were skipped" in text
+
+
+def test_verify_of_a_folder_that_is_not_a_shard_folder_is_a_usage_error(tmp_path, capsys):
+    code, text = cli("--verify", str(tmp_path / "nope"), capsys=capsys)
+    assert code == 2 and f"shard: error: shard folder {tmp_path / 'nope'} does not exist" in text
+    code, text = cli("--verify", str(tmp_path), capsys=capsys)
+    assert code == 2 and f"shard: error: {tmp_path / 'manifest.json'} not found" in text
+    (tmp_path / "manifest.json").write_text("{")  # damaged: a finding of the check
+    code, text = cli("--verify", str(tmp_path), capsys=capsys)
+    assert code == 1 and "not valid JSON" in text and "FAILED" in text
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.shards.imageproc import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_QUALITY, ImageConfig
+from pipeline.shards.shard_format import ShardFormatError, load_manifest
 from pipeline.shards.sharding import (
     ShardConfig,
     ShardingError,
@@ -190,8 +191,13 @@ def print_summary(console: Console, cfg: ShardConfig, result: ShardRunResult) ->
     table.add_column(justify="right", overflow="fold")
     table.add_row("source", escape(f"{m.source} ({m.options.get('source_kind')})"))
     table.add_row("classes", f"{m.num_classes}")
-    status = "already complete" if result.already_complete else (
-        f"{result.shards_written} written" + (f", {result.shards_resumed} from the interrupted run" if result.shards_resumed else ""))
+    if result.already_complete:
+        status = "already complete"
+    elif result.repaired:
+        status = f"{len(result.repaired)} missing or cut short, written again"
+    else:
+        status = f"{result.shards_written} written" + (
+            f", {result.shards_resumed} from the interrupted run" if result.shards_resumed else "")
     table.add_row("shards", f"{t['shards']} ({status})")
     table.add_row("inputs", f"{t['inputs']:,}")
     table.add_row("written", f"{t['written']:,}")
@@ -211,6 +217,11 @@ def print_summary(console: Console, cfg: ShardConfig, result: ShardRunResult) ->
             console.print(f"  {name}", markup=False, highlight=False, soft_wrap=True)
         if len(result.removed) > LIST_LIMIT:
             console.print(f"  ... {len(result.removed) - LIST_LIMIT} more")
+    if result.repaired:
+        console.print(f"[bold]written again[/] (missing or cut short; each equal to what manifest.json lists): "
+                      f"{escape(', '.join(result.repaired[:LIST_LIMIT]))}"
+                      + (f" ... {len(result.repaired) - LIST_LIMIT} more" if len(result.repaired) > LIST_LIMIT else ""),
+                      highlight=False, soft_wrap=True)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     for title, items in (("skipped", m.skipped), ("converted", m.converted)):
@@ -238,7 +249,9 @@ def print_verify(console: Console, report: VerifyReport, decode: bool) -> None:
         console.print(f"[red]problem:[/] {escape(str(p))}", highlight=False, soft_wrap=True)
     if len(report.problems) > 100:
         console.print(f"... {len(report.problems) - 100} more problems")
-    console.print("[green]OK[/]" if report.ok else "[red]FAILED[/]: re-shard what is listed (or the whole split)")
+    console.print("[green]OK[/]" if report.ok else "[red]FAILED[/]: delete the shards listed and re-run the shard "
+                  "command that wrote them (manifest.json's \"command\"): it writes them again; or re-shard the whole "
+                  "split with --overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         if len(args.paths) != 1:
             parser.error("--verify takes one folder: ./launch.sh shard --verify OUT [--decode]")
+        try:
+            load_manifest(args.paths[0])  # no folder or no manifest.json: a wrong argument, not a failed check
+        except FileNotFoundError as e:
+            err.print(f"shard: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            return 2
+        except ShardFormatError:
+            pass  # a damaged manifest is a finding of the verification
         try:
             with RichProgress(console, "verifying", "samples", progress_on) as progress:
                 report = verify(args.paths[0], decode=args.decode, workers=args.workers, progress=progress)
@@ -281,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         err.print("shard: interrupted; completed shards are kept: re-run the same command to resume")
         return 130
     print_summary(console, cfg, result)
+    totals = result.manifest.totals
+    if not totals["written"]:
+        err.print(f"shard: error: no image was written: all {totals['skipped']:,} inputs were skipped (the reasons are "
+                  f"listed above and in {cfg.out / 'manifest.json'}); check SRC", markup=False, soft_wrap=True)
+        return 2
     if cfg.strict and result.manifest.totals["skipped"]:
         err.print(f"shard: {result.manifest.totals['skipped']} inputs were skipped and --strict was given", markup=False,
                   soft_wrap=True)

@@ -72,7 +72,8 @@ TAR_RECORD = 10240
 WRITEBACK_BYTES = 1 << 20
 _META_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=True)  # one encoder: json.dumps builds one per call
 
-VERIFY_HINT = "run `./launch.sh shard --verify {root}` to check the shards, then re-shard what it reports"
+VERIFY_HINT = ("run `./launch.sh shard --verify {root}` to check the shards, delete those it reports and re-run "
+               "the shard command that wrote {root} (manifest.json's \"command\"): it writes them again")
 
 
 class ShardFormatError(ValueError):
@@ -494,19 +495,24 @@ def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
     return Manifest.from_dict(d, origin=str(mpath)), folder
 
 
+def shard_files_problem(rec: ShardRecord, folder: str | os.PathLike) -> str | None:
+    """What is wrong with the files of one listed shard at a glance (missing, another size), or None."""
+    for fname, want in ((rec.file, rec.bytes), (rec.index, rec.index_bytes)):
+        p = Path(folder) / fname
+        if not p.is_file():
+            return f"{p}: listed in the manifest but missing"
+        got = p.stat().st_size
+        if got != want:
+            return f"{p}: {'truncated' if got < want else 'larger than listed'} ({got} bytes, manifest says {want})"
+    return None
+
+
 def check_shard_files(manifest: Manifest, folder: str | os.PathLike) -> None:
     """Cheap start-up check: every listed shard and index exists with its listed size (no hashing)."""
-    folder = Path(folder)
-    hint = VERIFY_HINT.format(root=folder)
     for rec in manifest.shards:
-        for fname, want in ((rec.file, rec.bytes), (rec.index, rec.index_bytes)):
-            p = folder / fname
-            if not p.is_file():
-                raise ShardFormatError(f"{p}: listed in the manifest but missing; {hint}")
-            got = p.stat().st_size
-            if got != want:
-                what = "truncated" if got < want else "larger than listed"
-                raise ShardFormatError(f"{p}: {what} ({got} bytes, manifest says {want}); {hint}")
+        problem = shard_files_problem(rec, folder)
+        if problem:
+            raise ShardFormatError(f"{problem}; {VERIFY_HINT.format(root=Path(folder))}")
 
 
 def timm_info(manifest: Manifest) -> dict[str, Any]:

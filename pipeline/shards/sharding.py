@@ -56,10 +56,10 @@ from pipeline.shards.shard_format import (
     ShardFormatError,
     ShardRecord,
     ShardWriter,
-    check_shard_files,
     image_checksum,
     load_manifest,
     shard_filenames,
+    shard_files_problem,
     timm_info,
 )
 from pipeline.shards.sources import ItemRef, SourceListing, open_source, read_item
@@ -271,6 +271,11 @@ def build_plan(cfg: ShardConfig) -> Plan:
             skipped.append({"src": item.rel, "reason": f"no label for this image in {labels.origin}"})
             continue
         planned.append(PlannedItem(sample_key(item.rel, number), item.rel, wnid, index_of[wnid], item.ref))
+    if not planned:
+        examples = "; ".join(f"{s['src']}: {s['reason']}" for s in skipped[:3])
+        raise ShardingError(
+            f"none of the {len(skipped)} inputs of {cfg.src} can be sharded ({examples}"
+            + (" ..." if len(skipped) > 3 else "") + "): check SRC" + (" and --labels" if labels is not None else ""))
     if labels is not None and labels.by_stem is not None:
         unused = len(set(labels.by_stem) - {image_stem(it.rel) for it in listing.items})
         if unused:
@@ -737,10 +742,10 @@ def _recorded_outputs(out: Path) -> list[Path]:
     return sorted(found)
 
 
-def _clear_outputs(out: Path) -> list[str]:
+def _clear_outputs(out: Path, recorded: list[Path]) -> list[str]:
     """Delete what an earlier run recorded writing to OUT (`_recorded_outputs`); returns their names."""
     removed = []
-    for path in _recorded_outputs(out):
+    for path in recorded:
         path.unlink(missing_ok=True)
         removed.append(str(path.relative_to(out)))
     with contextlib.suppress(OSError):
@@ -761,19 +766,24 @@ def _refuse(out: Path, why: str) -> ShardingError:
     return ShardingError(f"{out} {why}; re-run with --overwrite to replace it, or choose another OUT")
 
 
-def _prepare_out(cfg: ShardConfig, plan: Plan, removed: list[str]) -> bool:
-    """Check OUT against this run; True when OUT already holds its complete output. Caller holds the lock.
-    With `overwrite`, what an earlier run recorded writing is deleted first (its names appended to `removed`)."""
+def _prepare_out(cfg: ShardConfig, plan: Plan, removed: list[str]) -> bool | list[int]:
+    """Check OUT against this run. True when OUT already holds its complete output; a list of shard numbers when
+    it holds it except for those shards, whose files are missing or cut short (they are written again); False for
+    a run to start or resume. Caller holds the lock. With `overwrite`, what an earlier run recorded writing is
+    deleted first (its names appended to `removed`), once nothing else stands in the way: a refused run deletes
+    nothing."""
     out = cfg.out
     plan_path = out / STATE_DIR / PLAN_NAME
     if cfg.overwrite:
-        removed += _clear_outputs(out)
+        recorded = _recorded_outputs(out)
+        ours = {str(p.relative_to(out)) for p in recorded}
         mine = {n for i in range(len(plan.shards)) for n in shard_filenames(cfg.name, cfg.split, i)}
-        clash = sorted(n for n in mine | {MANIFEST_NAME, TIMM_INFO_NAME} if (out / n).exists())
+        clash = sorted(n for n in mine | {MANIFEST_NAME, TIMM_INFO_NAME} if (out / n).exists() and n not in ours)
         if clash:
             raise ShardingError(f"{out} holds {', '.join(clash[:5])}, which this run would write, but no earlier "
                                 "shard run recorded writing them (--overwrite deletes only what the tool wrote): "
-                                "move them away or choose another OUT")
+                                "move them away or choose another OUT; nothing was deleted")
+        removed += _clear_outputs(out, recorded)
     elif (out / MANIFEST_NAME).is_file():
         try:
             manifest, _ = load_manifest(out)
@@ -786,10 +796,14 @@ def _prepare_out(cfg: ShardConfig, plan: Plan, removed: list[str]) -> bool:
         other_version = bool(diff) and all(d.startswith("tool_version:") for d in diff)
         if diff and not other_version:
             raise _refuse(out, "holds shards written by a different command (" + "; ".join(diff) + ")")
-        try:
-            check_shard_files(manifest, out)
-        except ShardFormatError as e:
-            raise _refuse(out, f"is complete for this command but damaged: {e}") from e
+        damaged = _damaged_shards(cfg, plan, manifest)
+        if damaged and other_version:
+            raise _refuse(out, f"was written by tool version {manifest.tool_version} (this is {TOOL_VERSION}) and "
+                               f"has missing or cut-short shards ({', '.join(sorted(damaged.values())[:3])}); "
+                               "this version would write other bytes")
+        if damaged:
+            _remove_temporaries(out)
+            return sorted(damaged)
         if other_version:
             plan.warnings.append(
                 f"{out} is complete, written with the same options by tool version {manifest.tool_version} (this is "
@@ -808,6 +822,47 @@ def _prepare_out(cfg: ShardConfig, plan: Plan, removed: list[str]) -> bool:
     _remove_temporaries(out)
     atomic_write_json(plan_path, plan.fingerprint, what="run plan")
     return False
+
+
+def _damaged_shards(cfg: ShardConfig, plan: Plan, manifest: Manifest) -> dict[int, str]:
+    """{shard number: file} of the manifest's shards whose tar or index is missing or has another size than
+    listed (the loaders' start-up check); a re-run of the same command writes those shards again. A shard whose
+    files have the right sizes but other bytes (`shard --verify` finds it) is repaired the same way once its
+    files are deleted."""
+    number = {shard_filenames(cfg.name, cfg.split, i)[0]: i for i in range(len(plan.shards))}
+    damaged = {}
+    for rec in manifest.shards:
+        if rec.file not in number:  # cannot happen for the same fingerprint; refuse rather than guess
+            raise _refuse(cfg.out, f"lists {rec.file}, which this command does not write")
+        if shard_files_problem(rec, cfg.out):
+            damaged[number[rec.file]] = rec.file
+    return damaged
+
+
+def _repair(cfg: ShardConfig, plan: Plan, manifest: Manifest, numbers: list[int], progress: ProgressSink,
+            lock_fd: int) -> list[str]:
+    """Write shards `numbers` again; each must come out byte for byte as the manifest lists it (the output is
+    deterministic), else the source changed since the manifest was written: the new files are removed and the
+    run refused. Returns the shard files written."""
+    records = {r.file: r for r in manifest.shards}
+    tasks = [ShardTask(cfg.out, cfg.name, cfg.split, i, plan.shards[i], cfg.image) for i in numbers]
+    totals = (sum(len(t.items) for t in tasks), sum(it.ref.size for t in tasks for it in t.items), 0, 0)
+    parts = run_tasks(write_shard, tasks, cfg.workers, progress, _describe, totals, parent_only_fds=(lock_fd,))
+    changed = []
+    for task, part in zip(tasks, parts, strict=True):
+        name = shard_filenames(cfg.name, cfg.split, task.index)[0]
+        if part["record"] is None or ShardRecord.from_dict(part["record"]) != records[name]:
+            changed.append(name)
+    if changed:
+        for task in tasks:
+            for f in shard_filenames(cfg.name, cfg.split, task.index):
+                (cfg.out / f).unlink(missing_ok=True)
+        fsync_dir(cfg.out)
+        raise ShardingError(
+            f"{cfg.out}: {', '.join(changed[:3])} came out different from what manifest.json lists when written "
+            "again: the source has changed since the manifest was written; re-shard the split with --overwrite")
+    fsync_dir(cfg.out)
+    return [shard_filenames(cfg.name, cfg.split, t.index)[0] for t in tasks]
 
 
 class _Journal:
@@ -878,6 +933,7 @@ class ShardRunResult:
     files_processed: int  # by this run
     bytes_processed: int  # source bytes read by this run
     removed: list[str] = field(default_factory=list)  # files of an earlier run deleted by --overwrite
+    repaired: list[str] = field(default_factory=list)  # shards of a complete folder written again (missing, cut)
 
 
 def _assemble(cfg: ShardConfig, plan: Plan, parts: list[dict[str, Any]]) -> Manifest:
@@ -945,10 +1001,16 @@ def run_sharding(cfg: ShardConfig, progress: ProgressSink | None = None, plan: P
         raise ShardingError(f"cannot create OUT {cfg.out} ({e.strerror or e}); choose a folder you can write") from e
     removed: list[str] = []
     with _locked(cfg.out) as lock_fd:
-        if _prepare_out(cfg, plan, removed):
+        state = _prepare_out(cfg, plan, removed)
+        if state is True or isinstance(state, list):
             manifest, _ = load_manifest(cfg.out)
+            repaired = _repair(cfg, plan, manifest, state, progress, lock_fd) if state is not True else []
             shutil.rmtree(cfg.out / STATE_DIR, ignore_errors=True)
-            return ShardRunResult(manifest, plan.warnings, True, 0, len(manifest.shards), 0.0, 0, 0, removed)
+            todo = [plan.shards[i] for i in (state if repaired else [])]
+            return ShardRunResult(manifest, plan.warnings, not repaired, len(repaired),
+                                  len(manifest.shards) - len(repaired), time.perf_counter() - t0,
+                                  sum(len(items) for items in todo), sum(it.ref.size for s in todo for it in s),
+                                  removed, repaired)
         tasks = [ShardTask(cfg.out, cfg.name, cfg.split, i, items, cfg.image) for i, items in enumerate(plan.shards)]
         journal = _Journal(cfg.out)
         finished = journal.completed(tasks)
