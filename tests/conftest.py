@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pipeline.fileio import atomic_write_json
-from pipeline.shards.shard_format import ClassEntry, Manifest, ShardWriter, timm_info
+from pipeline.shards.shard_format import ClassEntry, Manifest, ShardWriter, image_checksum, timm_info
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -52,10 +52,12 @@ def write_tiny_shards(
     name: str = "tiny",
     split: str = "train",
     seed: int = 0,
+    checksums: bool = False,
 ) -> Manifest:
     """Write a small shard folder directly with ShardWriter (no sharding tool), image sizes varying a little.
 
     Sample i has key f"s{i:05d}", label i % num_classes; returns the manifest (also saved with _info.json).
+    `checksums`: each json records its image's crc32, as the sharding tool writes it (tool version 1.0 did not).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,7 +68,10 @@ def write_tiny_shards(
             label = i % num_classes
             h, w = size[0] + (i % 3) * 4, size[1] + (i % 2) * 6
             meta = {"src": f"c{label}/img{i}.jpg", "wnid": f"c{label}", "width": w, "height": h, "reencoded": False}
-            writer.add_sample(f"s{i:05d}", jpeg_bytes(make_image(label, i, h, w, seed)), label, meta)
+            jpeg = jpeg_bytes(make_image(label, i, h, w, seed))
+            if checksums:
+                meta["crc32"] = image_checksum(jpeg)
+            writer.add_sample(f"s{i:05d}", jpeg, label, meta)
         records.append(writer.close())
     manifest = Manifest(
         name=name,

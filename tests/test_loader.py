@@ -410,6 +410,31 @@ def test_crop_decode_names_the_sample_it_cannot_decode(small_data, damage):
             list(loader)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_flipped_bit_in_image_data_stops_the_loader_naming_the_sample(tmp_path, backend):
+    """A damaged byte inside the entropy-coded data decodes to wrong pixels with at most a libjpeg warning; the
+    CRC-32 each sample's json records is checked as the sample is read (crop-decode and torch backends)."""
+    folder = tmp_path / "shards"
+    manifest = write_tiny_shards(folder, num_samples=10, num_classes=10, per_shard=5, size=(24, 24), checksums=True)
+    good = [labels for _, labels, _ in run_epochs(build_loader(cfg(folder, train=False, decode="cpu")), 1)]
+    record = manifest.shards[1]
+    comp = parse_index(folder / record.index)[2][0]
+    assert comp.ext == "jpg"
+    with open(folder / record.file, "r+b") as f:
+        f.seek(comp.offset + comp.size - 40)
+        byte = f.read(1)[0]
+        f.seek(comp.offset + comp.size - 40)
+        f.write(bytes([byte ^ 0x04]))
+    kind = {"backend": "torch", "num_threads": 0} if backend == "torch" else {"decode": "cpu"}
+    loader = build_loader(cfg(folder, train=False, **kind))
+    key = comp.name.split(".")[0]
+    with pytest.raises(ShardFormatError, match=rf"{record.file}: sample '{key}' cannot be read \(its jpg bytes differ "
+                                               r"from the crc32 recorded in its json: the image is corrupted\).*"
+                                               r"shard --verify"):
+        list(loader)
+    assert len(good) == 3  # the same folder read cleanly before the damage
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the GPU path (mixed decoding, GPU operators): the same pipeline definition with other device strings
 
