@@ -47,10 +47,15 @@ def format_size(n: int) -> str:
     return f"{n} bytes"
 
 
+ATOMIC_ADVICE = ("nothing was written under its final name: free space (or choose another folder) and run the same "
+                 "command again")
+
+
 def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = None,
-                    cause: OSError | None = None) -> DiskFullError:
+                    cause: OSError | None = None, advice: str = ATOMIC_ADVICE) -> DiskFullError:
     """A DiskFullError for writing `what` (e.g. "checkpoint") to `path`: free space on its file system and, when
-    known, the `needed` bytes."""
+    known, the `needed` bytes, then `advice` (what happened to the file and what to do; the default suits a file
+    written under a temporary name)."""
     path = Path(path)
     folder = path.parent
     try:
@@ -60,8 +65,7 @@ def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = Non
     quota = cause is not None and cause.errno == errno.EDQUOT
     need = f"; a {what} needs about {format_size(needed)}" if needed else ""
     msg = (f"{'disk quota exceeded' if quota else 'disk full'} while writing {what} {path} ({free} on the file "
-           f"system of {folder}{need}); nothing was written under its final name: free space (or choose another "
-           "folder) and run the same command again")
+           f"system of {folder}{need}); {advice}")
     return DiskFullError(cause.errno if cause is not None else errno.ENOSPC, msg)
 
 

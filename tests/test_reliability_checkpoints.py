@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,11 +31,13 @@ from train.checkpoint import (
 )
 from train.config import TrainConfig
 from train.distributed import DistEnv
-from train.entry import find_resume_state
+from train.entry import find_resume_state, resume_trainer
+
+TRAIN = TrainConfig(data="unused", out="unused").to_dict()
 
 
 def state(step: int, protocol: str | None = None) -> dict:
-    config = {"train": {}} if protocol is None else {"train": {}, "protocol": protocol}
+    config = {"train": TRAIN} if protocol is None else {"train": TRAIN, "protocol": protocol}
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "epoch": 0,
             "model": {"w": torch.full((64,), float(step))}, "optimizer": {}, "scaler": None, "loader": [{}],
             "rng": [{}], "world_size": 1, "compute": {}, "config": config}
@@ -64,6 +67,23 @@ def flip_tensor_byte(path: Path) -> None:
 
 def cfg_for(out: Path, resume: str) -> TrainConfig:
     return TrainConfig(data="unused", out=str(out), resume=resume)
+
+
+class Loading:
+    """What `resume_trainer` uses of a Trainer: its configuration, and loading a state (which sets the step)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.step, self.loader = cfg, 0, SimpleNamespace(epoch=0)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+def resume(cfg: TrainConfig, notes: list[str]) -> str:
+    """Choose and load the checkpoint as a run does; returns its path."""
+    chosen = find_resume_state(cfg, DistEnv(), notes)
+    resume_trainer(Loading(cfg), chosen, notes, DistEnv())
+    return chosen.path
 
 
 def test_every_checkpoint_carries_a_digest_and_stays_a_plain_torch_file(tmp_path):
@@ -102,7 +122,7 @@ def test_files_without_a_digest_are_checked_by_their_zip_crcs(tmp_path):
         read_checkpoint(old)
 
 
-def test_resume_auto_falls_back_names_what_it_passed_over_and_sets_the_newer_timeline_aside(tmp_path):
+def test_resume_auto_falls_back_names_what_it_passed_over_and_moves_it_aside(tmp_path):
     folder = tmp_path / CHECKPOINT_DIR
     for step in (10, 20, 30):
         save_checkpoint(state(step), folder, step)
@@ -110,24 +130,28 @@ def test_resume_auto_falls_back_names_what_it_passed_over_and_sets_the_newer_tim
     (folder / "step-000000040.pt").write_bytes(b"garbage from a partial copy")
     forget()
     notes: list[str] = []
-    path, loaded = find_resume_state(cfg_for(tmp_path, "auto"), DistEnv(), notes)
-    assert Path(path).name == "step-000000020.pt" and loaded["step"] == 20
+    chosen = find_resume_state(cfg_for(tmp_path, "auto"), DistEnv(), notes)
+    assert Path(chosen.path).name == "step-000000020.pt" and chosen.state["step"] == 20
     assert notes[0].startswith("skipped checkpoint step-000000040.pt: ") and "not a readable checkpoint" in notes[0]
     assert notes[1].startswith("skipped checkpoint step-000000030.pt: ") and "digest mismatch" in notes[1]
-    aside = folder / f"{ABANDONED_PREFIX}000000020"
-    assert notes[2] == (f"resuming step 20: the 2 newer checkpoint(s) of the abandoned timeline (step-000000030.pt, "
-                        f"step-000000040.pt) were moved to {aside}; --resume auto will not pick them (move them "
-                        "back to continue that timeline instead)")
-    assert sorted(p.name for p in aside.iterdir()) == ["step-000000030.pt", "step-000000040.pt"]
+    # Choosing reads only: the files move once the checkpoint is loaded (a refused resume changes nothing).
+    assert [c.step for c in list_checkpoints(folder)] == [10, 20, 30, 40]
+    resume_trainer(Loading(cfg_for(tmp_path, "auto")), chosen, notes, DistEnv())
+    # Damaged files go where pruning puts them, not into an "abandoned timeline" one could continue.
+    assert notes[2] == ("resuming step 20: the 2 damaged newer checkpoint(s) passed over (step-000000030.pt, "
+                        f"step-000000040.pt) were moved to {folder / UNREADABLE_DIR}")
+    assert notes[3] == f"resumed from {chosen.path} at step 20 (epoch 0)"
+    assert sorted(p.name for p in (folder / UNREADABLE_DIR).iterdir()) == ["step-000000030.pt", "step-000000040.pt"]
+    assert not list(folder.glob(f"{ABANDONED_PREFIX}*"))
 
     # The run goes on (keep=1): the checkpoint it writes survives pruning, the next --resume auto picks it, and
-    # nothing of the abandoned timeline is touched.
+    # nothing set aside is touched.
     new = save_checkpoint(state(21), folder, 21)
     pruned = prune_checkpoints(folder, keep=1, protect=new)
     assert sorted(p.name for p in pruned.removed) == ["step-000000010.pt", "step-000000020.pt"]
     assert [c.path.name for c in list_checkpoints(folder)] == ["step-000000021.pt"]
     assert select_checkpoint(folder).chosen.path == new
-    assert sorted(p.name for p in aside.iterdir()) == ["step-000000030.pt", "step-000000040.pt"]
+    assert sorted(p.name for p in (folder / UNREADABLE_DIR).iterdir()) == ["step-000000030.pt", "step-000000040.pt"]
 
 
 def test_resuming_an_older_checkpoint_on_purpose_sets_the_newer_ones_aside(tmp_path):
@@ -135,13 +159,16 @@ def test_resuming_an_older_checkpoint_on_purpose_sets_the_newer_ones_aside(tmp_p
     for step in (10, 20, 30):
         save_checkpoint(state(step), folder, step, permanent_epoch=3 if step == 30 else None)
     notes: list[str] = []
-    find_resume_state(cfg_for(tmp_path, str(folder / "step-000000010.pt")), DistEnv(), notes)
+    resume(cfg_for(tmp_path, str(folder / "step-000000010.pt")), notes)
+    aside = folder / f"{ABANDONED_PREFIX}000000010"
+    assert notes[0] == ("resuming step 10: the 2 newer checkpoint(s) of the abandoned timeline "
+                        f"(step-000000020.pt, epoch-0003-step-000000030.pt) were moved to {aside}; --resume auto "
+                        "will not pick them (move them back to continue that timeline instead)")
     assert [c.step for c in list_checkpoints(folder)] == [10]
-    assert sorted(p.name for p in (folder / f"{ABANDONED_PREFIX}000000010").iterdir()) == [
-        "epoch-0003-step-000000030.pt", "step-000000020.pt"]
+    assert sorted(p.name for p in aside.iterdir()) == ["epoch-0003-step-000000030.pt", "step-000000020.pt"]
     # A second branch from the same step gets a folder of its own.
     save_checkpoint(state(15), folder, 15)
-    find_resume_state(cfg_for(tmp_path, str(folder / "step-000000010.pt")), DistEnv(), [])
+    resume(cfg_for(tmp_path, str(folder / "step-000000010.pt")), [])
     assert (folder / f"{ABANDONED_PREFIX}000000010-2" / "step-000000015.pt").is_file()
 
 

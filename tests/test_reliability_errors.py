@@ -158,6 +158,56 @@ def test_disk_full_while_checkpointing_is_a_message_in_the_log_and_exit_status_2
     assert not list((out / "checkpoints").iterdir())  # nothing half-written
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (writes fail with ENOSPC)")
+@pytest.mark.parametrize("name, what", [("metrics.jsonl", "metrics record"), ("log.txt", "log line")])
+def test_disk_full_while_writing_the_run_log_is_a_message_and_exit_status_2(data, tmp_path, capsys, name, what):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to("/dev/full")  # every write fails as on a full file system
+    code, text = run_launcher(["pretrain", "--data", str(data[0]), "--out", str(out), *RUN, "--data-backend",
+                               "torch", "--display", "plain"], capsys)
+    assert code == 2, text
+    assert f"pretrain: error: disk full while writing {what} {out / name} (" in text and "Traceback" not in text
+    assert "continue the run with --resume auto" in text
+
+
+def test_disk_full_in_a_tracker_is_a_message_and_exit_status_2(data, tmp_path, capsys, monkeypatch):
+    from train.tracking.tensorboard_sink import TensorBoardSink
+
+    def record(self, rec):  # TensorBoard's writer thread met a full disk; the next call raises its error
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(TensorBoardSink, "record", record)
+    out = tmp_path / "run"
+    code, text = run_launcher(["pretrain", "--data", str(data[0]), "--out", str(out),
+                               *[a for a in RUN if a != "--no-tensorboard"], "--data-backend", "torch"], capsys)
+    assert code == 2, text
+    assert f"pretrain: error: disk full while writing TensorBoard events {out / 'tb'} (" in text
+    assert "Traceback" not in text
+
+
+def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(data, tmp_path, capsys):
+    """Setting the newer checkpoints aside and cutting metrics.jsonl back happen only once the checkpoint has been
+    loaded: a resume refused while the run is built (here a loader position that does not fit another batch size)
+    changes nothing, so the next `--resume auto` continues from the newest checkpoint."""
+    out = tmp_path / "run"
+    base = ["pretrain", "--data", str(data[0]), "--out", str(out), *RUN, "--data-backend", "torch", "--keep", "5"]
+    code, text = run_launcher([*base, "--max-steps", "6"], capsys)
+    assert code == 0, text
+    folder = out / "checkpoints"
+    before = sorted(p.name for p in folder.iterdir())
+    assert before == ["step-000000002.pt", "step-000000004.pt", "step-000000006.pt"]
+    metrics = (out / "metrics.jsonl").read_bytes()
+    code, text = run_launcher([*base, "--max-steps", "6", "--batch-size", "2", "--resume",
+                               str(folder / "step-000000002.pt")], capsys)
+    assert code == 2 and "loader state does not fit this loader (batch_size: saved 4, now 2)" in text, text
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing set aside
+    assert (out / "metrics.jsonl").read_bytes() == metrics  # nothing cut
+    code, text = run_launcher([*base, "--max-steps", "8", "--resume", "auto"], capsys)
+    assert code == 0, text
+    assert f"resumed from {folder / 'step-000000006.pt'} at step 6" in (out / LOG_NAME).read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluations given a partial state dict
 

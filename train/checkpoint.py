@@ -3,7 +3,8 @@
     OUT/checkpoints/step-000012000.pt                rolling: the newest `keep` readable checkpoints are kept
     OUT/checkpoints/epoch-0050-step-000125000.pt     epoch-end checkpoint of a --keep-every epoch: kept for good
     OUT/checkpoints/abandoned-after-step-000010000/  newer checkpoints set aside when a run resumed an older one
-    OUT/checkpoints/unreadable/                      checkpoints pruning found damaged (moved, never deleted)
+    OUT/checkpoints/unreadable/                      damaged checkpoints found by pruning or passed over by a resume
+                                                     (moved, never deleted)
 
 Writing: `torch.save` streams into a temporary file while its sha256 is computed; the digest goes into the zip
 archive's comment field (`supmae-fast-sha256:<hex>`, the file stays a plain torch zip that any `torch.load`
@@ -32,7 +33,7 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,16 +319,31 @@ def _move_into(files: list[Path], dest: Path) -> list[Path]:
     return moved
 
 
-def set_aside_newer(folder: str | os.PathLike, step: int) -> tuple[Path | None, list[Path]]:
-    """Move every checkpoint of `folder` newer than `step` into `abandoned-after-step-<step>/` (a run continues
-    from `step`, so they belong to a timeline it abandons); `select_checkpoint` never looks there.
-    Returns (that folder or None, the files moved)."""
+@dataclass
+class SetAside:
+    """What `set_aside_newer` moved: readable files into `folder` (the abandoned timeline), damaged ones into
+    UNREADABLE_DIR."""
+
+    folder: Path | None = None
+    moved: list[Path] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+
+
+def set_aside_newer(folder: str | os.PathLike, step: int, damaged: Collection[str | os.PathLike] = ()) -> SetAside:
+    """Move every checkpoint of `folder` newer than `step` out of the way of a run that continues from `step`: the
+    ones named in `damaged` (passed over as unreadable) into `unreadable/`, the others, a timeline the run abandons,
+    into `abandoned-after-step-<step>/`. `select_checkpoint` looks in neither."""
     folder = Path(folder)
+    bad = {Path(p).name for p in damaged}
     newer = [ck.path for ck in list_checkpoints(folder) if ck.step > step]
-    if not newer:
-        return None, []
-    dest = _free_folder(folder, f"{ABANDONED_PREFIX}{step:09d}")
-    return dest, _move_into(newer, dest)
+    result = SetAside()
+    if any(p.name in bad for p in newer):
+        result.unreadable = _move_into([p for p in newer if p.name in bad], folder / UNREADABLE_DIR)
+    abandoned = [p for p in newer if p.name not in bad]
+    if abandoned:
+        result.folder = _free_folder(folder, f"{ABANDONED_PREFIX}{step:09d}")
+        result.moved = _move_into(abandoned, result.folder)
+    return result
 
 
 @dataclass

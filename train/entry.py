@@ -16,7 +16,7 @@ import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -107,25 +107,35 @@ def check_class_maps(train: Manifest, other: Manifest, what: str) -> None:
                          f"{mine[:3]}...): shard it with `./launch.sh shard ... --class-map TRAIN_SHARDS`")
 
 
-def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str],
-                      protocol: str = "pretrain") -> tuple[str, dict] | None:
-    """(path, contents) of the checkpoint to continue from, the same on every rank; None for a new run.
+class Resume(NamedTuple):
+    """The checkpoint a run continues from, the same on every rank; `damaged`: the newer files of the run folder
+    that `--resume auto` passed over as unreadable (rank 0)."""
+
+    path: str
+    state: dict[str, Any]
+    damaged: tuple[str, ...] = ()
+
+
+def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str], protocol: str = "pretrain") -> Resume | None:
+    """The checkpoint to continue from, the same on every rank; None for a new run. Reads only: nothing in the run
+    folder changes until `resume_trainer` has loaded it.
 
     Rank 0 picks the file (for "auto" `train.checkpoint.select_checkpoint`: the newest that reads back, every newer
     one passed over noted with the reason) and tells the others, so all ranks load the same step. The checkpoint
-    must be one of `protocol`'s. Checkpoints of the run folder newer than the chosen one belong to a timeline
-    this run abandons: they are moved to `checkpoints/abandoned-after-step-N/` (noted), where "auto" never looks.
+    must be one of `protocol`'s.
     """
     if cfg.resume == "":
         return None
     folder = Path(cfg.out) / CHECKPOINT_DIR
     choice: Any = None
     state = None
+    damaged: tuple[str, ...] = ()
     if env.is_main:
         try:
             if cfg.resume == "auto":
                 sel = select_checkpoint(folder)
                 notes.extend(sel.explain())
+                damaged = tuple(str(ck.path) for ck, _ in sel.passed_over)
                 if sel.chosen is not None:
                     choice, state = str(sel.chosen.path), sel.state
                 elif sel.passed_over:
@@ -135,12 +145,6 @@ def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str],
                 choice, state = cfg.resume, read_checkpoint(cfg.resume)
             if state is not None:
                 check_protocol(choice, state, protocol)
-                moved_to, moved = set_aside_newer(folder, int(state["step"]))
-                if moved:
-                    notes.append(f"resuming step {state['step']}: the {len(moved)} newer checkpoint(s) of the "
-                                 f"abandoned timeline ({', '.join(p.name for p in moved[:5])}"
-                                 f"{' ...' if len(moved) > 5 else ''}) were moved to {moved_to}; --resume auto "
-                                 "will not pick them (move them back to continue that timeline instead)")
         except (ValueError, FileNotFoundError) as e:
             choice = e
     choice = broadcast_object(choice if not isinstance(choice, Exception) else ("error", str(choice)), env)
@@ -151,7 +155,35 @@ def find_resume_state(cfg: LoopConfig, env: DistEnv, notes: list[str],
         return None
     if state is None:
         state = read_checkpoint(choice)
-    return choice, state
+    return Resume(choice, state, damaged)
+
+
+def resume_trainer(trainer: Trainer, resume: Resume, notes: list[str], env: DistEnv) -> None:
+    """Load `resume` into `trainer` (ValueError when it does not fit: world size, data position, optimiser groups),
+    then, on rank 0, move the run folder's checkpoints newer than it out of the way
+    (`train.checkpoint.set_aside_newer`: the damaged ones passed over into `checkpoints/unreadable/`, the others, a
+    timeline this run abandons, into `checkpoints/abandoned-after-step-N/`, where "auto" never looks), noted.
+
+    Called before the run log opens (which cuts metrics.jsonl back to the checkpoint's step): a resume refused at
+    start-up leaves the run folder as it was, and the next `--resume auto` still finds its newest checkpoint."""
+    note = resume_note(trainer.cfg, resume.state)
+    if note:
+        notes.append(note)
+    trainer.load_state_dict(resume.state)
+    if env.is_main:
+        aside = set_aside_newer(Path(trainer.cfg.out) / CHECKPOINT_DIR, trainer.step, resume.damaged)
+        if aside.unreadable:
+            notes.append(f"resuming step {trainer.step}: the {len(aside.unreadable)} damaged newer checkpoint(s) "
+                         f"passed over ({_names(aside.unreadable)}) were moved to {aside.unreadable[0].parent}")
+        if aside.moved:
+            notes.append(f"resuming step {trainer.step}: the {len(aside.moved)} newer checkpoint(s) of the "
+                         f"abandoned timeline ({_names(aside.moved)}) were moved to {aside.folder}; --resume auto "
+                         "will not pick them (move them back to continue that timeline instead)")
+    notes.append(f"resumed from {resume.path} at step {trainer.step} (epoch {trainer.loader.epoch})")
+
+
+def _names(paths: list[Path], most: int = 5) -> str:
+    return ", ".join(p.name for p in paths[:most]) + (" ..." if len(paths) > most else "")
 
 
 def check_protocol(path: str, state: dict[str, Any], protocol: str) -> None:
@@ -174,22 +206,14 @@ def resume_note(cfg: LoopConfig, state: dict[str, Any]) -> str | None:
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()))
 
 
-def start_trainer(trainer: Trainer, run_config: dict[str, Any], resume: tuple[str, dict] | None, notes: list[str],
-                  out: Path, env: DistEnv, **derived: Any) -> None:
-    """The common end of a protocol's build: the schedule's numbers (and `derived`) into run_config["derived"], the
-    resumed state loaded (settings that changed are noted), config.json written by rank 0."""
+def start_trainer(trainer: Trainer, run_config: dict[str, Any], out: Path, env: DistEnv, **derived: Any) -> None:
+    """The common end of a protocol's build (after `resume_trainer` and with the run log open): the schedule's
+    numbers (and `derived`) into run_config["derived"], config.json written by rank 0."""
     run_config["derived"].update(
         steps_per_epoch=trainer.steps_per_epoch, total_steps=trainer.total_steps,
         warmup_steps=trainer.schedule.warmup_steps, train_flops_per_image=trainer.flops_per_image,
         tf32=trainer.tf32, ddp=trainer.ddp is not None, process_group=env.backend, **derived,
     )
-    if resume is not None:
-        path, state = resume
-        note = resume_note(trainer.cfg, state)
-        if note:
-            notes.append(note)
-        trainer.load_state_dict(state)
-        notes.append(f"resumed from {path} at step {trainer.step} (epoch {trainer.loader.epoch})")
     run_config["environment"] = run_environment(trainer, env)
     if trainer.log is not None:
         trainer.log.message(describe_environment(run_config["environment"]))
@@ -233,14 +257,15 @@ def build_loaders(cfg: LoopConfig, env: DistEnv, img_size: int, eval_data: str =
                                      cfg.data_threads, cfg.seed, env, cfg.decode)
 
 
-def open_run_log(cfg: LoopConfig, env: DistEnv, resume: tuple[str, dict] | None, title: str) -> RunLog:
-    """The run folder made (rank 0; temporaries of a killed checkpoint write removed) and its log opened."""
+def open_run_log(cfg: LoopConfig, env: DistEnv, resume: Resume | None, title: str) -> RunLog:
+    """The run folder made (rank 0; temporaries of a killed checkpoint write removed) and its log opened (a resumed
+    run's metrics.jsonl cut back to the checkpoint's step: call it after `resume_trainer`)."""
     out = Path(cfg.out)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out / CHECKPOINT_DIR)
     return RunLog(out, enabled=env.is_main, display=cfg.display, tensorboard=cfg.tensorboard,
-                  resume_step=resume[1]["step"] if resume else None, title=title, wandb=cfg.wandb)
+                  resume_step=resume.state["step"] if resume else None, title=title, wandb=cfg.wandb)
 
 
 def software_versions() -> dict[str, str | None]:

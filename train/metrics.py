@@ -8,6 +8,7 @@ tools read them, so change them only together with that document.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,11 +21,14 @@ from typing import Any
 
 import torch
 
-from pipeline.fileio import atomic_write_bytes
+from pipeline.fileio import DiskFullError, atomic_write_bytes, disk_full_error, is_disk_full
 
 METRICS_NAME = "metrics.jsonl"
 LOG_NAME = "log.txt"
 TB_DIR = "tb"
+# What to do when the run log meets a full disk (the run stops with exit status 2; its checkpoints are intact).
+DISK_FULL_ADVICE = ("the run stopped: free space (or choose another --out) and continue the run with --resume auto "
+                    "from its last checkpoint")
 
 TRAIN_FIELDS = (
     "kind", "time", "step", "epoch", "images", "flops", "device_hours", "loss", "rec_loss", "cls_loss", "lr",
@@ -177,6 +181,10 @@ class RunLog:
 
     display: "live" (rich live panel), "plain" (one line per interval), "off", or "auto" (live on a terminal).
     wandb: "" (off) or the W&B project (train/tracking/wandb_sink.py).
+
+    A full disk met while writing any of its files (or a tracker's) raises DiskFullError naming the file (the
+    protocol's entry makes it a message and exit status 2); from then on the files are left alone, so that
+    reporting the error and closing the log do not meet the full disk again.
     """
 
     def __init__(self, out: str | os.PathLike, enabled: bool, display: str = "auto", tensorboard: bool = True,
@@ -186,6 +194,7 @@ class RunLog:
         self._sinks: list[Any] = []
         self._live = None
         self._console = None
+        self._disk_full = False
         self.title = title
         if not enabled:
             return
@@ -194,16 +203,22 @@ class RunLog:
             truncate_metrics(self.out / METRICS_NAME, resume_step)
         self._metrics = open(self.out / METRICS_NAME, "a", buffering=1)
         self._log = open(self.out / LOG_NAME, "a", buffering=1)
-        if tensorboard:
-            from train.tracking.tensorboard_sink import TensorBoardSink
+        try:
+            if tensorboard:
+                from train.tracking.tensorboard_sink import TensorBoardSink
 
-            # purge_step hides events a previous attempt wrote after the checkpoint this run resumes from.
-            self._sinks.append(TensorBoardSink(self.out / TB_DIR, resume_step))
-        if wandb:
-            from train.tracking.wandb_sink import WandbSink
+                # purge_step hides events a previous attempt wrote after the checkpoint this run resumes from.
+                with self._writing("TensorBoard events", self.out / TB_DIR):
+                    self._sinks.append(TensorBoardSink(self.out / TB_DIR, resume_step))
+            if wandb:
+                from train.tracking.wandb_sink import WandbSink
 
-            self._sinks.append(WandbSink(self.out, wandb, resume=resume_step is not None,
-                                         job_type=title.split(" ", 1)[0] or None))
+                with self._writing("W&B files", self.out / "wandb"):
+                    self._sinks.append(WandbSink(self.out, wandb, resume=resume_step is not None,
+                                                 job_type=title.split(" ", 1)[0] or None))
+        except BaseException:
+            self.close()
+            raise
         if display == "auto":
             display = "live" if sys.stdout.isatty() else "plain"
         self.display = display
@@ -215,6 +230,29 @@ class RunLog:
             self._live = Live(console=self._console, auto_refresh=False, transient=False)
             self._live.start()
 
+    @contextlib.contextmanager
+    def _writing(self, what: str, path: Path):
+        """A full disk met inside the block becomes a DiskFullError naming `what` and `path`."""
+        try:
+            yield
+        except OSError as e:
+            if not is_disk_full(e) or isinstance(e, DiskFullError):
+                raise
+            self._disk_full = True
+            raise disk_full_error(path, what, cause=e, advice=DISK_FULL_ADVICE) from e
+
+    def _write(self, f: Any, text: str, what: str, name: str) -> None:
+        if not self._disk_full:
+            with self._writing(what, self.out / name):
+                f.write(text)
+
+    def _to_sinks(self, method: str, *args: Any) -> None:
+        if self._disk_full:
+            return
+        for sink in self._sinks:
+            with self._writing(sink.what, sink.path):
+                getattr(sink, method)(*args)
+
     # -- messages ------------------------------------------------------------------------------------------------
     def message(self, text: str, console: bool = True) -> None:
         """A line for the user (start-up, warnings, checkpoints, stops): log.txt and (unless `console` is False, e.g.
@@ -222,7 +260,7 @@ class RunLog:
         if not self.enabled:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._log.write(f"{stamp} {text}\n")
+        self._write(self._log, f"{stamp} {text}\n", "log line", LOG_NAME)
         if not console:
             return
         if self._console is not None:
@@ -234,9 +272,8 @@ class RunLog:
     def record(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(rec) + "\n")
-        for sink in self._sinks:
-            sink.record(rec)
+        self._write(self._metrics, json.dumps(rec) + "\n", "metrics record", METRICS_NAME)
+        self._to_sinks("record", rec)
         if rec["kind"] == "train":
             self._show_train(rec)
         else:
@@ -251,38 +288,48 @@ class RunLog:
     def image(self, tag: str, picture: Any, step: int, caption: str = "") -> None:
         """An (H, W, C) uint8 picture for the trackers (e.g. a reconstruction grid at a checkpoint)."""
         if self.enabled:
-            for sink in self._sinks:
-                sink.image(tag, picture, step, caption)
+            self._to_sinks("image", tag, picture, step, caption)
 
     def log_config(self, run_config: dict[str, Any], step: int = 0) -> None:
         """The resolved configuration (config.json's content) for the trackers: text and hyper-parameters."""
         if self.enabled:
-            for sink in self._sinks:
-                sink.config(run_config, step)
+            self._to_sinks("config", run_config, step)
 
     def flush(self) -> None:
-        if self.enabled:
-            self._metrics.flush()
-            for sink in self._sinks:
-                sink.flush()
+        if self.enabled and not self._disk_full:
+            with self._writing("metrics record", self.out / METRICS_NAME):
+                self._metrics.flush()
+            self._to_sinks("flush")
 
     def close(self) -> None:
+        """Stop the display, close the trackers and files. A full disk met only now is raised after everything is
+        closed; after an earlier one (already on its way as an error) the files' errors are ignored."""
         if not self.enabled:
             return
+        self.enabled = False
         if self._live is not None:
             self._live.stop()
             self._live = None
-        for sink in self._sinks:
-            sink.close()
+        closing = [(sink.close, sink.what, sink.path) for sink in self._sinks]
+        closing += [(f.close, what, self.out / name) for f, what, name in
+                    ((getattr(self, "_metrics", None), "metrics record", METRICS_NAME),
+                     (getattr(self, "_log", None), "log line", LOG_NAME)) if f is not None]
         self._sinks = []
-        self._metrics.close()
-        self._log.close()
-        self.enabled = False
+        earlier = self._disk_full
+        first: OSError | None = None
+        for close, what, path in closing:
+            try:
+                with self._writing(what, path):
+                    close()
+            except OSError as e:
+                first = first or e
+        if first is not None and not earlier:
+            raise first
 
     # -- display -------------------------------------------------------------------------------------------------
     def _show_train(self, rec: dict[str, Any]) -> None:
         line = format_train_line(rec)
-        self._log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+        self._write(self._log, time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n", "log line", LOG_NAME)
         if self._live is not None:
             self._live.update(train_panel(rec, self.title, self._console.width), refresh=True)
         elif self.display == "plain":

@@ -30,6 +30,7 @@ from train.entry import (
     find_resume_state,
     open_run_log,
     protocol_main,
+    resume_trainer,
     software_versions,
     start_trainer,
 )
@@ -134,9 +135,9 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
                                                                                  env.device))
     resume = find_resume_state(cfg, env, notes)
     if resume is not None:
-        saved_model = ModelConfig.from_dict(resume[1]["config"]["model"])
+        saved_model = ModelConfig.from_dict(resume.state["config"]["model"])
         if dataclasses.replace(saved_model, fused_masking="off") != dataclasses.replace(model_cfg, fused_masking="off"):
-            raise ValueError(f"the checkpoint {resume[0]} holds a different model ({saved_model}) than this "
+            raise ValueError(f"the checkpoint {resume.path} holds a different model ({saved_model}) than this "
                              f"configuration ({model_cfg}); resume with the run's own options")
 
     seed_all(cfg.seed)  # identical initial weights on every rank
@@ -149,35 +150,36 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
 
     loader, eval_loader = build_loaders(cfg, env, cfg.img_size, cfg.eval_data if cfg.eval_every else "")
     out = Path(cfg.out)
-    log = open_run_log(cfg, env, resume, title=f"pretrain {cfg.recipe or cfg.model} -> {cfg.out}")
+    precision = resolve_precision(cfg.precision, env.device)
+    run_config = {
+        "train": cfg.to_dict(),
+        "model": model_cfg.to_dict(),
+        "derived": {
+            "world_size": env.world_size,
+            "local_world_size": env.local_world_size,
+            "nodes": max(1, env.world_size // env.local_world_size),
+            "device": device_name(env.device),
+            "precision": precision,
+            "compile": resolve_compile(cfg.compile, env.device),
+            "effective_batch": cfg.effective_batch(env.world_size),
+            "peak_lr": cfg.peak_lr(env.world_size),
+            "train_samples": manifest.num_samples,
+            "train_classes": manifest.num_classes,
+        },
+        "versions": software_versions(),
+        "command": list(sys.argv),
+    }
+    task = MaskedAutoencoderTask(model, cfg.mask_ratio, cfg.weight_decay, cfg.betas)
+    trainer = Trainer(cfg, task, loader, env, eval_loader, None, run_config)
+    if resume is not None:
+        resume_trainer(trainer, resume, notes, env)
+    log = trainer.log = open_run_log(cfg, env, resume, title=f"pretrain {cfg.recipe or cfg.model} -> {cfg.out}")
     try:
-        precision = resolve_precision(cfg.precision, env.device)
-        run_config = {
-            "train": cfg.to_dict(),
-            "model": model_cfg.to_dict(),
-            "derived": {
-                "world_size": env.world_size,
-                "local_world_size": env.local_world_size,
-                "nodes": max(1, env.world_size // env.local_world_size),
-                "device": device_name(env.device),
-                "precision": precision,
-                "compile": resolve_compile(cfg.compile, env.device),
-                "effective_batch": cfg.effective_batch(env.world_size),
-                "peak_lr": cfg.peak_lr(env.world_size),
-                "train_samples": manifest.num_samples,
-                "train_classes": manifest.num_classes,
-            },
-            "versions": software_versions(),
-            "command": list(sys.argv),
-        }
-        task = MaskedAutoencoderTask(model, cfg.mask_ratio, cfg.weight_decay, cfg.betas)
-        trainer = Trainer(cfg, task, loader, env, eval_loader, log, run_config)
         if cfg.recon_images and log.tracking:
             trainer.checkpoint_hooks.append(CheckpointPictures(cfg.eval_data or cfg.data, cfg.recon_images,
                                                                cfg.img_size, cfg.mask_ratio, cfg.seed,
                                                                cfg.data_backend))
-        start_trainer(trainer, run_config, resume, notes, out, env,
-                      parameters=sum(p.numel() for p in model.parameters()))
+        start_trainer(trainer, run_config, out, env, parameters=sum(p.numel() for p in model.parameters()))
         _summary(log, cfg, trainer, manifest.num_samples, manifest.num_classes, notes)
         return trainer, log
     except BaseException:

@@ -40,6 +40,7 @@ from train.entry import (
     find_resume_state,
     open_run_log,
     protocol_main,
+    resume_trainer,
     software_versions,
     start_trainer,
 )
@@ -269,25 +270,26 @@ class Protocol:
         img_size = cfg.img_size or source.model_cfg.img_size
         loader, eval_loader = build_loaders(cfg, env, img_size, cfg.eval_data, **self.train_augment(cfg))
         out = Path(cfg.out)
-        log = open_run_log(cfg, env, resume, title=f"{self.name} {source.name} -> {out}")
+        run_config = {
+            "protocol": self.name,
+            "train": cfg.to_dict(),
+            "source": source.describe(),
+            "derived": {
+                "world_size": env.world_size, "device": device_name(env.device),
+                "precision": resolve_precision(cfg.precision, env.device),
+                "compile": resolve_compile(cfg.compile, env.device), "img_size": img_size,
+                "num_classes": num_classes, "effective_batch": cfg.effective_batch(env.world_size),
+                "peak_lr": cfg.peak_lr(env.world_size), "train_samples": manifest.num_samples,
+            },
+            "versions": software_versions(),
+            "command": list(sys.argv),
+        }
+        trainer = Trainer(cfg, task, loader, env, eval_loader, None, run_config)
+        if resume is not None:
+            resume_trainer(trainer, resume, notes, env)
+        log = trainer.log = open_run_log(cfg, env, resume, title=f"{self.name} {source.name} -> {out}")
         try:
-            run_config = {
-                "protocol": self.name,
-                "train": cfg.to_dict(),
-                "source": source.describe(),
-                "derived": {
-                    "world_size": env.world_size, "device": device_name(env.device),
-                    "precision": resolve_precision(cfg.precision, env.device),
-                    "compile": resolve_compile(cfg.compile, env.device), "img_size": img_size,
-                    "num_classes": num_classes, "effective_batch": cfg.effective_batch(env.world_size),
-                    "peak_lr": cfg.peak_lr(env.world_size), "train_samples": manifest.num_samples,
-                },
-                "versions": software_versions(),
-                "command": list(sys.argv),
-            }
-            trainer = Trainer(cfg, task, loader, env, eval_loader, log, run_config)
-            start_trainer(trainer, run_config, resume, notes, out, env,
-                          trainable_parameters=sum(p.numel() for p in trainer.params))
+            start_trainer(trainer, run_config, out, env, trainable_parameters=sum(p.numel() for p in trainer.params))
             log.message(f"{self.name}: {source.name} (step {source.step}), {num_classes} classes, {img_size}px; "
                         f"{manifest.num_samples} training images, {eval_loader.num_samples} eval images")
             log.message(f"processes: {trainer.world_size} on {trainer.device.type}, precision {trainer.numerics}, "

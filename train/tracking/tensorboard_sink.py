@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,9 +37,12 @@ def flat_hparams(run_config: dict[str, Any]) -> dict[str, int | float | str | bo
 class TensorBoardSink:
     """One SummaryWriter on OUT/tb; `resume_step` hides events a previous attempt wrote after that step."""
 
+    what = "TensorBoard events"  # how errors name what was being written
+
     def __init__(self, folder: str | os.PathLike, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.path = Path(folder)
         self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step is not None else None)
 
     def record(self, rec: dict[str, Any]) -> None:

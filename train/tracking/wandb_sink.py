@@ -40,9 +40,11 @@ def require_wandb() -> Any:
 class WandbSink:
     """One W&B run for the run folder `out`; `resume`: continue the run whose id OUT/wandb/run-id holds."""
 
+    what = "W&B files"  # how errors name what was being written
+
     def __init__(self, out: str | os.PathLike, project: str, resume: bool = False, job_type: str | None = None):
         wandb = require_wandb()
-        folder = Path(out) / "wandb"
+        folder = self.path = Path(out) / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)
