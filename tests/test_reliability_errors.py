@@ -188,8 +188,8 @@ def test_disk_full_in_a_tracker_is_a_message_and_exit_status_2(data, tmp_path, c
 
 def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(data, tmp_path, capsys):
     """Setting the newer checkpoints aside and cutting metrics.jsonl back happen only once the checkpoint has been
-    loaded: a resume refused while the run is built (here a loader position that does not fit another batch size)
-    changes nothing, so the next `--resume auto` continues from the newest checkpoint."""
+    loaded: a resume refused while the run is built (a loader position that does not fit another batch size, or
+    another number of micro-batches per step) changes nothing, so the next `--resume auto` continues from the newest checkpoint."""
     out = tmp_path / "run"
     base = ["pretrain", "--data", str(data[0]), "--out", str(out), *RUN, "--data-backend", "torch", "--keep", "5"]
     code, text = run_launcher([*base, "--max-steps", "6"], capsys)
@@ -203,6 +203,15 @@ def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(data, tmp_path, c
     assert code == 2 and "loader state does not fit this loader (batch_size: saved 4, now 2)" in text, text
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing set aside
     assert (out / "metrics.jsonl").read_bytes() == metrics  # nothing cut
+    # Another --accum-steps: the same data position would be another step (epochs, schedule and records off).
+    code, text = run_launcher([*base, "--max-steps", "6", "--accum-steps", "2", "--resume",
+                               str(folder / "step-000000002.pt")], capsys)
+    assert code == 2 and ("pretrain: error: the checkpoint's step 2 is at batch 2 of epoch 0 of the data, which is "
+                          "not that step in this configuration (4 batches per epoch in groups of --accum-steps 2: 2 "
+                          "steps per epoch; the run used --accum-steps 1): the micro-batches per step cannot change "
+                          "within a run; resume with the run's own --accum-steps") in text, text
+    assert "Traceback" not in text
+    assert sorted(p.name for p in folder.iterdir()) == before and (out / "metrics.jsonl").read_bytes() == metrics
     code, text = run_launcher([*base, "--max-steps", "8", "--resume", "auto"], capsys)
     assert code == 0, text
     assert f"resumed from {folder / 'step-000000006.pt'} at step 6" in (out / LOG_NAME).read_text()

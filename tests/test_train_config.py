@@ -121,7 +121,11 @@ def test_overrides_of_train_and_model_fields():
     (["--batch-size", "many"], "--batch-size many is invalid: must be an integer"),
     (["--epochs", "10", "--warmup-epochs", "20"], "--warmup-epochs 20.0 is invalid: must be a number in [0, epochs=10]"),
     (["--precision", "fp8"], "--precision fp8 is invalid: must be one of auto, bf16, fp16, fp32"),
-    (["--mask-ratio", "1.0"], "--mask-ratio 1.0 is invalid: must be a number in [0, 1)"),
+    (["--mask-ratio", "1.0"], "--mask-ratio 1.0 is invalid: must be a number in (0, 1)"),
+    # nothing masked: the loss (a mean over the masked patches) would be 0 / 0 at every step
+    (["--mask-ratio", "0"], "--mask-ratio 0.0 is invalid: must be a number in (0, 1)"),
+    (["--mask-ratio", "1e-17"], "--mask-ratio 1e-17 masks no patch of 196 (the loss is computed on the masked "
+                                "ones); raise it"),
     (["--betas", "0.9"], "--betas 0.9 is invalid: must be 2 comma-separated numbers"),
     (["--betas", "0.9,1.5"], "--betas 0.9,1.5 is invalid: must be two numbers in [0, 1), e.g. 0.9,0.95"),
     (["--blr", "nan"], "--blr nan is invalid: must be a number"),

@@ -205,7 +205,7 @@ class TrainConfig(LoopConfig):
     model: str = _f("supmae_vit_base_patch16", "model preset (model.list_models())")
     model_args: dict[str, Any] = _f({}, "ModelConfig overrides; set each with --field-name (e.g. --patch-size 4)")
     img_size: int = _f(224, "input resolution (loader crop and model)")
-    mask_ratio: float = _f(0.75, "fraction of patches masked")
+    mask_ratio: float = _f(0.75, "fraction of patches masked, in (0, 1)")
     init: str = _f("", "initial weights: an original MAE/SupMAE .pth or a checkpoint of this project")
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. 0.9,0.95")
     recon_images: int = _f(8, "reconstruction grid of N images to TensorBoard / W&B at every checkpoint (0 = off)")
@@ -216,7 +216,8 @@ class TrainConfig(LoopConfig):
         if not self.out:
             raise ValueError("--out is required (got none)")
         _check(self.img_size >= 1, "img_size", self.img_size, "an integer >= 1")
-        _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "a number in [0, 1)")
+        # The reconstruction loss is the mean over the masked patches: with none masked it is 0 / 0.
+        _check(0.0 < self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "a number in (0, 1)")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", self.betas, "two numbers in [0, 1), e.g. 0.9,0.95")
         mc = self.model_config()  # validates the preset name, the model_args keys and their values
         if self.eval_every and not mc.cls_branch:
@@ -224,6 +225,9 @@ class TrainConfig(LoopConfig):
                              "(evaluate MAE encoders with ./launch.sh knn or linprobe)")
         if mc.num_visible(self.mask_ratio) < 1:
             raise ValueError(f"--mask-ratio {self.mask_ratio} keeps no patch of {mc.num_patches}; lower it")
+        if mc.num_visible(self.mask_ratio) >= mc.num_patches:
+            raise ValueError(f"--mask-ratio {self.mask_ratio} masks no patch of {mc.num_patches} (the loss is "
+                             "computed on the masked ones); raise it")
 
     def model_config(self, **auto: Any) -> ModelConfig:
         """The resolved ModelConfig: preset + model_args + img_size; `auto` fills AUTO_MODEL_FIELDS not given."""

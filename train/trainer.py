@@ -578,6 +578,7 @@ class Trainer:
         self.step = int(state["step"])
         self._step_t.fill_(self.step)
         self.loader.load_state_dict(state["loader"][self.env.rank])
+        self._check_position(state)
         set_rng_state(state["rng"][self.env.rank], self.device)
         c = state["compute"]
         self.compute = Compute(int(c["images"]), float(c["wall_seconds"]), int(c["nonfinite_steps"]))
@@ -593,6 +594,23 @@ class Trainer:
             self._interval_step0 = self.step
         self._saved_step = self.step
         self._restart_rate_window()
+
+    def _check_position(self, state: dict[str, Any]) -> None:
+        """The checkpoint's step must be where its data position is in this run's schedule: another
+        --accum-steps (micro-batches per step) would count the same position as another step, and the epochs,
+        warm-up, cosine and log records would no longer meet the data's epochs."""
+        position = state["loader"][self.env.rank]
+        epoch, batch = int(position["epoch"]), int(position["batch"])
+        accum = self.cfg.accum_steps
+        if batch % accum == 0 and self.step == epoch * self.steps_per_epoch + batch // accum:
+            return
+        saved = state["config"].get("train", {}).get("accum_steps") if isinstance(state.get("config"), dict) else None
+        was = f"; the run used --accum-steps {saved}" if saved not in (None, accum) else ""
+        raise ValueError(
+            f"the checkpoint's step {self.step} is at batch {batch} of epoch {epoch} of the data, which is not that step "
+            f"in this configuration ({self.loader.batches_per_epoch} batches per epoch in groups of --accum-steps "
+            f"{accum}: {self.steps_per_epoch} steps per epoch{was}): the micro-batches per step cannot change within "
+            "a run; resume with the run's own --accum-steps")
 
     @_exempt_from_sync_check
     def save(self, permanent_epoch: int | None = None, best: bool = False) -> Path | None:
