@@ -211,6 +211,13 @@ def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(data, tmp_path, c
                           "steps per epoch; the run used --accum-steps 1): the micro-batches per step cannot change "
                           "within a run; resume with the run's own --accum-steps") in text, text
     assert "Traceback" not in text
+    # Another model: the fields that differ are named, not two whole configurations printed.
+    code, text = run_launcher([*base, "--max-steps", "6", "--depth", "2", "--img-size", "20", "--patch-size", "5",
+                               "--resume", "auto"], capsys)
+    assert code == 2 and (f"pretrain: error: the checkpoint {folder / 'step-000000006.pt'} holds a different model "
+                          "than this configuration (img_size: 16 in the checkpoint, 20 here; patch_size: 4 in the "
+                          "checkpoint, 5 here; depth: 1 in the checkpoint, 2 here); resume with the run's own --model "
+                          "and model options\n") in text, text
     assert sorted(p.name for p in folder.iterdir()) == before and (out / "metrics.jsonl").read_bytes() == metrics
     code, text = run_launcher([*base, "--max-steps", "8", "--resume", "auto"], capsys)
     assert code == 0, text

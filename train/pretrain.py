@@ -135,10 +135,15 @@ def build(cfg: TrainConfig, env: DistEnv) -> tuple[Trainer, RunLog]:
                                                                                  env.device))
     resume = find_resume_state(cfg, env, notes)
     if resume is not None:
-        saved_model = ModelConfig.from_dict(resume.state["config"]["model"])
-        if dataclasses.replace(saved_model, fused_masking="off") != dataclasses.replace(model_cfg, fused_masking="off"):
-            raise ValueError(f"the checkpoint {resume.path} holds a different model ({saved_model}) than this "
-                             f"configuration ({model_cfg}); resume with the run's own options")
+        saved_model = ModelConfig.from_dict(resume.state["config"]["model"]).to_dict()
+        # fused_masking picks kernels, not weights: a run may resume on another machine with or without them.
+        diff = {k: (v, saved_model[k]) for k, v in model_cfg.to_dict().items()
+                if k != "fused_masking" and v != saved_model[k]}
+        if diff:
+            raise ValueError(f"the checkpoint {resume.path} holds a different model than this configuration ("
+                             + "; ".join(f"{k}: {theirs!r} in the checkpoint, {mine!r} here"
+                                         for k, (mine, theirs) in diff.items())
+                             + "); resume with the run's own --model and model options")
 
     seed_all(cfg.seed)  # identical initial weights on every rank
     model = MaskedAutoencoderViT(model_cfg)
