@@ -49,6 +49,23 @@ def test_mae_and_timm_option_names_map_to_the_projects():
     assert set(OPTION_ALIASES) >= {"data_path", "output_dir", "output", "input_size", "finetune", "model_ema"}
 
 
+def test_a_name_and_its_alias_given_together_take_the_last_value_and_stray_values_are_named():
+    """Two spellings of one field are the field given twice (the last value wins, as documented); a value an
+    option does not take (timm's three-number --input-size) names the option it follows."""
+    assert parse_overrides(["--output_dir", "a", "--out", "b"]) == {"out": "b"}
+    assert parse_overrides(["--out", "b", "--output-dir", "a"]) == {"out": "a"}
+    with pytest.raises(ValueError) as e:
+        parse_overrides(["--data", "d", "--input-size", "3", "224", "224"])
+    assert str(e.value) == ("unexpected argument '224' after --input-size 3, which takes one value (timm's "
+                            "`--input-size 3 H W` is `--img-size H` here): options are --field-name value")
+    with pytest.raises(ValueError, match="^unexpected argument 'x' after --no-compile, which takes no value: "):
+        parse_overrides(["--no-compile", "x"])
+    with pytest.raises(ValueError, match="^unexpected argument '4' after --epochs=3, which takes one value: "):
+        parse_overrides(["--epochs=3", "4"])
+    with pytest.raises(ValueError, match="^unexpected argument 'epochs': options are --field-name value$"):
+        parse_overrides(["epochs", "3"])
+
+
 @pytest.mark.parametrize("text, expected", [
     ("rand-m9-mstd0.5-inc1", {"randaug_n": 2, "randaug_m": 9, "randaug_mstd": 0.5, "randaug_inc": True}),
     ("rand-m7-n3", {"randaug_n": 3, "randaug_m": 7, "randaug_mstd": 0.0, "randaug_inc": False}),

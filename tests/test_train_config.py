@@ -138,7 +138,8 @@ def test_overrides_of_train_and_model_fields():
     (["--model", "vit_base"], "unknown model 'vit_base'; available: "),
     (["--epochs"], "--epochs needs a value (an integer)"),
     (["--no-epochs"], "--no-epochs is not an option: --epochs is not an on/off switch"),
-    (["epochs", "3"], "unexpected argument 'epochs': options are --field-name value"),
+    (["epochs", "3"], "unexpected argument 'epochs' after --out o, which takes one value: options are --field-name "
+                      "value"),
     (["--model", "mae_vit_base_patch16", "--eval-every", "1", "--eval-data", "v"],
      "--eval-every needs a model with the classification branch; mae_vit_base_patch16 has none"),
 ])

@@ -418,17 +418,22 @@ def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
     ModelConfig fields are collected under model_args when `cls` has that field.
 
     Also `--field-name=value`, `--flag` / `--no-flag` for booleans, `--no-X` for on/off/auto switches.
-    A field given twice takes the last value (so scripts can append overrides to a base command).
+    A field given twice takes the last value, also under two of its names (`--output_dir a --out b`: b), so
+    scripts can append overrides to a base command.
     """
     cls = cls or TrainConfig
     hints = _hints(cls)
     out: dict[str, Any] = {}
     model_args: dict[str, Any] = {}
     i = 0
+    last = ""  # the previous option as given, with its value: named when a stray value follows it
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--") or token == "--":
-            raise ValueError(f"unexpected argument {token!r}: options are --field-name value")
+            after = f" after {last}" if last else ""
+            hint = (" (timm's `--input-size 3 H W` is `--img-size H` here)"
+                    if last.startswith(("--input-size", "--input_size")) else "")
+            raise ValueError(f"unexpected argument {token!r}{after}{hint}: options are --field-name value")
         key, eq, inline = token[2:].partition("=")
         name = key.replace("-", "_")
         target = OPTION_ALIASES.get(name)
@@ -439,6 +444,7 @@ def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
             if not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
                 raise ValueError("--aa needs a value (timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1)")
             out.update(parse_timm_randaugment(inline if eq else argv[i + 1]))
+            last = f"{token}, which takes one value" if eq else f"{token} {argv[i + 1]}, which takes one value"
             i += 1 if eq else 2
             continue
         negated = False
@@ -466,6 +472,8 @@ def parse_overrides(argv: list[str], cls: type = None) -> dict[str, Any]:
                 raise ValueError(f"--{_opt(name)} needs a value ({_describe(hint)})")
             value = _parse_value(name, argv[i], hint)
             i += 1
+        last = (f"{token}, which takes one value" if eq else f"{token}, which takes no value" if argv[i - 1] == token
+                else f"{token} {argv[i - 1]}, which takes one value")
         (model_args if where == "model" else out)[name] = value
     if model_args:
         out["model_args"] = model_args
