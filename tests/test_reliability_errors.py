@@ -219,6 +219,12 @@ def test_a_resume_refused_at_start_up_leaves_the_run_as_it_was(data, tmp_path, c
                           "checkpoint, 5 here; depth: 1 in the checkpoint, 2 here); resume with the run's own --model "
                           "and model options\n") in text, text
     assert sorted(p.name for p in folder.iterdir()) == before and (out / "metrics.jsonl").read_bytes() == metrics
+    # MAE's habit of --resume with a path, given the run folder (or its checkpoints/): says what to write instead.
+    for given in (out, folder):
+        code, text = run_launcher([*base, "--resume", str(given), "--dry-run"], capsys)
+        assert code == 2 and (f"pretrain: error: --resume {given} is a folder: --resume takes auto (the newest "
+                              "readable checkpoint of --out) or a checkpoint file; to continue the run in "
+                              f"{out} use --out {out} --resume auto\n") in text, text
     code, text = run_launcher([*base, "--max-steps", "8", "--resume", "auto"], capsys)
     assert code == 0, text
     assert f"resumed from {folder / 'step-000000006.pt'} at step 6" in (out / LOG_NAME).read_text()

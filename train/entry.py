@@ -94,6 +94,11 @@ def check_run_folder(cfg: LoopConfig) -> None:
     if cfg.resume == "" and existing:
         raise ValueError(f"{cfg.out} already holds checkpoints (newest: {existing[-1].path.name}); continue that run "
                          "with --resume auto, or choose another --out")
+    if cfg.resume not in ("", "auto") and Path(cfg.resume).is_dir():
+        run_folder = Path(cfg.resume).parent if Path(cfg.resume).name == CHECKPOINT_DIR else Path(cfg.resume)
+        raise ValueError(f"--resume {cfg.resume} is a folder: --resume takes auto (the newest readable checkpoint of "
+                         f"--out) or a checkpoint file; to continue the run in {run_folder} use --out {run_folder} "
+                         "--resume auto")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint file")
 
