@@ -92,6 +92,15 @@ def test_bad_input_before_start_is_exit_status_2(data, tmp_path, capsys):
     assert code == 0
 
 
+def test_a_batch_larger_than_the_data_names_the_option_to_change(data, tmp_path, capsys):
+    code, text = run_launcher(["pretrain", "--data", str(data[0]), "--out", str(tmp_path / "run"), *RUN,
+                               "--batch-size", "64"], capsys)
+    assert code == 2 and ("pretrain: error: batch_size 64 is larger than the 16 samples the smallest rank reads (16 "
+                          "samples over 1 ranks) and drop_last=True (training: incomplete batches are dropped) would "
+                          "leave no batch; lower --batch-size to at most 16 (or set drop_last=False)") in text, text
+    assert "Traceback" not in text and not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # During training
 

@@ -357,8 +357,9 @@ class RankLayout:
         if self.batches_per_epoch < 1:
             raise ValueError(
                 f"batch_size {self.batch_size} is larger than the {self.min_shard_size} samples the smallest rank "
-                f"reads ({self.num_samples} samples over {self.world_size} ranks) and drop_last=True would leave no "
-                "batch; lower the batch size or set drop_last=False"
+                f"reads ({self.num_samples} samples over {self.world_size} ranks) and drop_last=True (training: "
+                "incomplete batches are dropped) would leave no batch; lower --batch-size to at most "
+                f"{self.min_shard_size} (or set drop_last=False)"
             )
 
     def shard_range(self, rank: int) -> tuple[int, int]:
