@@ -1,9 +1,14 @@
 """--sync-check: CUDA's sync debug mode set to "error" for the training hot path, the log intervals, checkpoints and
 evaluations exempt. The switching is tested on the CPU with the mode functions stood in for; the real thing (a host
-sync in the hot path raises, the real loop passes) needs CUDA."""
+sync in the hot path raises, the real loop passes) needs CUDA. Its CPU twin: every Python-level read of a tensor's
+value (`.item()`, `.tolist()`, `float()`, `bool()`, ...) and `torch.cuda.synchronize` made an error inside
+`Trainer.train_step`, for fused and plain optimisers in fp32 and fp16, with accumulation, clipping and a skipped
+step."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
 
 import pytest
@@ -89,3 +94,95 @@ def test_sync_check_passes_the_real_loop_and_catches_a_host_sync_in_the_step(tmp
     with pytest.raises(RuntimeError, match="synchroniz"):
         _trainer(tmp_path / "syncing", Syncing).train()
     assert torch.cuda.get_sync_debug_mode() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CPU twin: every way Python reads a tensor's value on the host, made an error inside train_step
+
+
+class HostRead(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Inside `with reads_forbidden():` any host read of a tensor's value raises HostRead, except the model's label
+    range check, which runs on CPU tensors only by design (model.mae: on GPUs the class count is checked once)."""
+    state = {"on": False}
+
+    def guard(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if state["on"] and caller != "_check_labels":
+                raise HostRead(f"Tensor.{name} in the training step (called from {caller})")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name, getattr(torch.Tensor, name)))
+    for name in ("synchronize",):
+        monkeypatch.setattr(torch.cuda, name, guard(f"cuda.{name}", getattr(torch.cuda, name)))
+
+    @contextlib.contextmanager
+    def reads_forbidden():
+        state["on"] = True
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    return reads_forbidden
+
+
+class SgdTask(MaskedAutoencoderTask):
+    """An optimiser without the found_inf protocol of fused ones (as LARS in the linear probe)."""
+
+    def build_optimizer(self, peak_lr):
+        return torch.optim.SGD(self.model.parameters(), lr=peak_lr, momentum=0.9, foreach=False)
+
+
+@pytest.mark.parametrize("task_cls, precision", [
+    (MaskedAutoencoderTask, "fp32"), (MaskedAutoencoderTask, "fp16"), (SgdTask, "fp32"), (SgdTask, "fp16"),
+])
+def test_the_training_step_never_reads_a_device_value_on_the_host(no_host_reads, tmp_path, task_cls, precision):
+    cfg = config_from_args(["--data", "unused", "--out", str(tmp_path), "--device", "cpu", "--precision", precision,
+                            "--accum-steps", "2", "--clip-grad", "1", *TINY])
+
+    def make(epoch: int, b: int) -> Batch:
+        g = torch.Generator().manual_seed(100 * epoch + b)
+        images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+        if b == 2:
+            images = images.float().fill_(float("nan"))  # a non-finite step, skipped on the device
+        return Batch(images, torch.randint(0, 3, (4,), generator=g), None, 4)
+
+    seed_all(0)
+    model = create_model(cfg.model, **cfg.model_config(num_classes=3).to_dict())
+    trainer = Trainer(cfg, task_cls(model, cfg.mask_ratio, cfg.weight_decay, cfg.betas),
+                      InMemoryLoader(make, 4, 16, 3), DistEnv())
+    batches = [[trainer.loader.make(0, 2 * s), trainer.loader.make(0, 2 * s + 1)] for s in range(2)]
+    with no_host_reads():
+        for group in batches:
+            trainer.train_step(group)
+    assert trainer.step == 2
+    assert int(trainer._bad_count) == 1  # the NaN step was counted, on the device
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # and skipped there
+    if precision == "fp16":
+        assert trainer.scaler.get_scale() == 2.0**15  # backed off once from 2**16 by the overflow
+
+
+def test_the_host_read_guard_catches_a_read_in_the_step(no_host_reads, tmp_path):
+    class Syncing(MaskedAutoencoderTask):
+        def forward_loss(self, forward, batch, device):
+            loss, logged = super().forward_loss(forward, batch, device)
+            float(loss)  # what the original MAE loop did every step
+            return loss, logged
+
+    cfg = config_from_args(["--data", "unused", "--out", str(tmp_path), "--device", "cpu", *TINY])
+    model = create_model(cfg.model, **cfg.model_config(num_classes=3).to_dict())
+    images = torch.zeros(4, 16, 16, 3, dtype=torch.uint8)
+    trainer = Trainer(cfg, Syncing(model, cfg.mask_ratio, cfg.weight_decay, cfg.betas),
+                      InMemoryLoader(lambda e, b: Batch(images, torch.zeros(4, dtype=torch.int64), None, 4), 4, 16, 3),
+                      DistEnv())
+    with no_host_reads(), pytest.raises(HostRead, match=r"Tensor.__float__ in the training step \(called from "
+                                                         "forward_loss\\)"):
+        trainer.train_step([trainer.loader.make(0, 0)])

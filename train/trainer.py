@@ -10,7 +10,8 @@ sync outside the exempt places below an error on CUDA):
   * losses, gradient norms and non-finite counts accumulate in device tensors and are read once per log
     interval (one all-reduce + one host copy);
   * a non-finite step is skipped on the device, never by a host `if`: by the fused AdamW (`found_inf`), or for
-    optimisers without that protocol (LARS) by putting the parameters and optimiser state back with `torch.where`;
+    optimisers without that protocol (LARS) by putting the parameters and optimiser state back with `torch.where`,
+    also in fp16 (where GradScaler.step would read its overflow flag on the host);
   * the stop request of SIGTERM / SIGUSR1 is agreed on through an asynchronous gloo all-reduce of a host flag;
   * the learning rate is a host float computed from the step counter;
   * log intervals, checkpoints and evaluations read device values by design (`_exempt_from_sync_check`).
@@ -265,8 +266,13 @@ class Trainer:
         bad = ~torch.isfinite(gnorm)
         if self.scaler is not None:
             # fp16: the scaler skips overflowing steps (normal while it calibrates); a non-finite *loss* is the
-            # failure that counts against --skip-nonfinite.
-            self.scaler.step(self.optimizer)
+            # failure that counts against --skip-nonfinite. GradScaler.step reads found_inf on the host for
+            # optimisers without the found_inf protocol (LARS): those skip on the device here instead (the gradients
+            # are unscaled, so `bad` is the scaler's overflow), and update() backs the scale off from its own record.
+            if self._skips_on_device:
+                self.scaler.step(self.optimizer)
+            else:
+                self._step_unless(bad)
             self.scaler.update()
             fail = loss_fail
         elif self._skips_on_device:
