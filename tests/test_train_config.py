@@ -129,6 +129,8 @@ def test_overrides_of_train_and_model_fields():
     (["--betas", "0.9"], "--betas 0.9 is invalid: must be 2 comma-separated numbers"),
     (["--betas", "0.9,1.5"], "--betas 0.9,1.5 is invalid: must be two numbers in [0, 1), e.g. 0.9,0.95"),
     (["--blr", "nan"], "--blr nan is invalid: must be a number"),
+    (["--lr", "1e-3", "--min-lr", "1"], "--min-lr 1.0 is invalid: must be a number in [0, --lr 0.001] (the cosine "
+                                         "ends there)"),
     (["--compile", "maybe"], "--compile maybe is invalid: must be one of auto, on, off"),
     (["--eval-every", "1"], "--eval-every 1 needs --eval-data (a held-out shard folder)"),
     (["--recipe", "supmae_vit_base_in1k_300ep"],

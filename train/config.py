@@ -171,6 +171,9 @@ class LoopConfig(RunConfig):
         _check(self.blr > 0, "blr", self.blr, "a number > 0")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a number > 0 (or none to use --blr)")
         _check(self.min_lr >= 0, "min_lr", self.min_lr, "a number >= 0")
+        # The schedule ends at min(min_lr, peak): a min_lr above an explicit --lr would silently be a constant lr.
+        _check(self.lr is None or self.min_lr <= self.lr, "min_lr", self.min_lr,
+               f"a number in [0, --lr {self.lr}] (the cosine ends there)")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         _check(self.clip_grad >= 0, "clip_grad", self.clip_grad, "a number >= 0 (0 = off)")
         for name in ("random_area", "random_aspect_ratio"):
