@@ -29,10 +29,21 @@ TINY = ["--model", "supmae_vit_tiny_patch16", "--img-size", "16", "--patch-size"
         "--display", "off", "--no-tensorboard", "--log-every", "1", "--ckpt-every", "3"]
 
 
-def test_sync_check_is_an_option_that_does_not_change_results():
+def test_sync_check_is_an_option_that_does_not_change_results(tmp_path):
     assert config_from_args(["--data", "d", "--out", "o"]).sync_check is False
     assert config_from_args(["--data", "d", "--out", "o", "--sync-check"]).sync_check is True
     assert "sync_check" in RUNTIME_FIELDS  # a resumed run may add or drop it
+    # On the CPU it checks nothing, and says so rather than passing silently.
+    cfg = config_from_args(["--data", "unused", "--out", str(tmp_path), "--device", "cpu", "--sync-check", *TINY,
+                            "--max-steps", "1"])
+    model = create_model(cfg.model, **cfg.model_config(num_classes=3).to_dict())
+    images = torch.zeros(4, 16, 16, 3, dtype=torch.uint8)
+    trainer = Trainer(cfg, model, InMemoryLoader(lambda e, b: Batch(images, torch.zeros(4, dtype=torch.int64), None,
+                                                                    4), 4, 16, 3), DistEnv())
+    said = []
+    trainer._say = said.append
+    trainer.train()
+    assert said[0] == "note: --sync-check has no effect on the CPU (it checks host synchronisations with CUDA)"
 
 
 def test_exempt_places_turn_the_sync_debug_mode_off_and_back(monkeypatch):

@@ -355,6 +355,8 @@ class Trainer:
         self._start_clock()
         status: str | None = None
         sync_mode = torch.cuda.get_sync_debug_mode() if self.device.type == "cuda" else None
+        if cfg.sync_check and sync_mode is None:
+            self._say("note: --sync-check has no effect on the CPU (it checks host synchronisations with CUDA)")
         try:
             while status is None:
                 if self.step >= self._end_step():
