@@ -197,3 +197,44 @@ def test_the_host_read_guard_catches_a_read_in_the_step(no_host_reads, tmp_path)
     with no_host_reads(), pytest.raises(HostRead, match=r"Tensor.__float__ in the training step \(called from "
                                                          "forward_loss\\)"):
         trainer.train_step([trainer.loader.make(0, 0)])
+
+
+@pytest.mark.parametrize("protocol, precision", [
+    ("finetune", "fp32"), ("finetune", "fp16"), ("linprobe", "fp32"), ("linprobe", "fp16"),
+])
+def test_the_evaluation_protocols_training_steps_never_read_a_device_value(no_host_reads, tmp_path, protocol,
+                                                                          precision):
+    """Fine-tuning with mixup, cutmix, random erasing and an EMA of the weights; the probe with LARS (no on-device
+    skip of its own)."""
+    from train.eval.encoder import resolve_source
+    from train.eval.finetune import FinetuneConfig, FinetuneTask
+    from train.eval.linprobe import LinearProbeTask, LinprobeConfig
+
+    common = dict(data="unused", eval_data="unused", out=str(tmp_path), device="cpu", precision=precision,
+                  batch_size=4, accum_steps=2, epochs=2, warmup_epochs=0.0, log_every=1, display="off",
+                  tensorboard=False, ckpt="random", model="supmae_vit_tiny_patch16")
+    if protocol == "finetune":
+        cfg = FinetuneConfig(**common, ema=True, reprob=1.0, clip_grad=1.0)
+        task_cls = FinetuneTask
+    else:
+        cfg = LinprobeConfig(**common)
+        task_cls = LinearProbeTask
+    source = resolve_source("random", "supmae_vit_tiny_patch16", dict(img_size=16, patch_size=4, embed_dim=32,
+                            depth=1, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2, cls_hidden=32,
+                            num_classes=3), seed=0)
+
+    def make(epoch: int, b: int) -> Batch:
+        g = torch.Generator().manual_seed(100 * epoch + b)
+        images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
+        if b == 2:  # float input is taken as normalised (N, C, S, S)
+            images = torch.full((4, 3, 16, 16), float("nan"))
+        return Batch(images, torch.randint(0, 3, (4,), generator=g), None, 4)
+
+    seed_all(0)
+    trainer = Trainer(cfg, task_cls(cfg, source, 3), InMemoryLoader(make, 4, 16, 3), DistEnv())
+    batches = [[make(0, 2 * s), make(0, 2 * s + 1)] for s in range(2)]
+    with no_host_reads():
+        for group in batches:
+            trainer.train_step(group)
+    assert trainer.step == 2 and int(trainer._bad_count) == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
