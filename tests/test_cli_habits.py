@@ -66,6 +66,29 @@ def test_a_name_and_its_alias_given_together_take_the_last_value_and_stray_value
         parse_overrides(["epochs", "3"])
 
 
+def test_an_image_folder_given_as_data_says_to_shard_it(tmp_path, capsys):
+    """MAE's --data_path is an ImageFolder root; here it is a shard folder. An image tree is told apart from an
+    unfinished shard folder (whose own message says to re-run the shard command into it)."""
+    from tools import launch
+
+    images = tmp_path / "imagenet"
+    (images / "train" / "n01440764").mkdir(parents=True)
+    (images / "train" / "n01440764" / "a.JPEG").write_bytes(b"jpeg")
+    unfinished = tmp_path / "shards"
+    (unfinished / ".shard-state").mkdir(parents=True)
+    (unfinished / "in1k-train-000000.tar").write_bytes(b"")
+    code = launch.main(["pretrain", "--data_path", str(images), "--output_dir", str(tmp_path / "run"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and (f"pretrain: error: {images / 'manifest.json'} not found: {images} is not a shard folder: "
+                          "it holds files or folders but no shards; if they are the images themselves (an ImageFolder tree, as MAE's --data_path "
+                          "takes), shard them once with `./launch.sh shard IMAGES SHARDS` (README \"Shard ImageNet\": "
+                          "one shard folder per split) and give the shard folder (--data SHARDS)\n") in err, err
+    code = launch.main(["pretrain", "--data", str(unfinished), "--out", str(tmp_path / "run"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{unfinished} is not a shard folder (or sharding did not finish); run `./launch.sh " \
+                         f"shard SRC {unfinished}`" in err, err
+
+
 @pytest.mark.parametrize("text, expected", [
     ("rand-m9-mstd0.5-inc1", {"randaug_n": 2, "randaug_m": 9, "randaug_mstd": 0.5, "randaug_inc": True}),
     ("rand-m7-n3", {"randaug_n": 3, "randaug_m": 7, "randaug_mstd": 0.0, "randaug_inc": False}),

@@ -476,6 +476,21 @@ class Manifest:
         atomic_write_json(Path(folder) / MANIFEST_NAME, self.to_dict(), what="manifest")
 
 
+def _holds_source_data(folder: Path, most: int = 1000) -> bool:
+    """Whether `folder` (without a manifest) holds something other than an unfinished shard run's files: a visible
+    sub-folder or a file that is neither a shard nor an index (a look at its first `most` entries)."""
+    with os.scandir(folder) as entries:
+        for i, entry in enumerate(entries):
+            if i >= most:
+                break
+            name = entry.name
+            if name.startswith("."):  # the shard run's state folder and temporaries, or hidden files
+                continue
+            if entry.is_dir() or not (name.endswith((".tar", ".idx")) or name == TIMM_INFO_NAME):
+                return True
+    return False
+
+
 def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
     """Load the manifest of a shard folder (or a path to manifest.json); returns (manifest, shard folder)."""
     path = Path(path)
@@ -484,6 +499,13 @@ def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"shard folder {folder} does not exist; create it with `./launch.sh shard SRC {folder}`")
     if not mpath.is_file():
+        if _holds_source_data(folder):
+            raise FileNotFoundError(
+                f"{mpath} not found: {folder} is not a shard folder: it holds files or folders but no shards; if they are the images "
+                "themselves (an ImageFolder tree, as MAE's --data_path takes), shard them once with `./launch.sh "
+                "shard IMAGES SHARDS` (README \"Shard ImageNet\": one shard folder per split) and give the shard "
+                "folder (--data SHARDS)"
+            )
         raise FileNotFoundError(
             f"{mpath} not found: {folder} is not a shard folder (or sharding did not finish); "
             f"run `./launch.sh shard SRC {folder}` (re-running resumes an interrupted run)"
