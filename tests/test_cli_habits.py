@@ -49,6 +49,23 @@ def test_mae_and_timm_option_names_map_to_the_projects():
     assert set(OPTION_ALIASES) >= {"data_path", "output_dir", "output", "input_size", "finetune", "model_ema"}
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--log_dir", "x"], "unknown option --log-dir: TensorBoard events go to OUT/tb (--out); drop --log_dir"),
+    (["--pin_mem"], "unknown option --pin-mem: batches bound for a GPU are pinned already; drop it"),
+    (["--local_rank=0"], "unknown option --local-rank: ./launch.sh sets up the processes; drop it"),
+    (["--dist_url", "env://"], "unknown option --dist-url: ./launch.sh sets up the processes (README \"Pre-train\"); "
+                               "drop it"),
+    (["--start_epoch", "5"], "unknown option --start-epoch: --resume auto continues at the checkpoint's step and data "
+                             "position"),
+])
+def test_maes_options_without_a_counterpart_say_what_to_do_instead(args, message):
+    """Not "did you mean --log-every?": MAE's main_pretrain.py options that this project does differently."""
+    with pytest.raises(ValueError) as e:
+        config_from_args(["--data", "d", "--out", "o", *args])
+    assert str(e.value) == message
+    assert config_from_args(["--data", "d", "--out", "o", "--num_workers", "3"]).data_threads == 3  # MAE's name
+
+
 def test_a_name_and_its_alias_given_together_take_the_last_value_and_stray_values_are_named():
     """Two spellings of one field are the field given twice (the last value wins, as documented); a value an
     option does not take (timm's three-number --input-size) names the option it follows."""

@@ -51,6 +51,18 @@ RUNTIME_FIELDS = frozenset({
 OPTION_ALIASES = {
     "data_path": "data", "output_dir": "out", "output": "out", "input_size": "img_size", "finetune": "ckpt",
     "model_ema": "ema", "model_ema_decay": "ema_decay", "accum_iter": "accum_steps", "nb_classes": "num_classes",
+    "num_workers": "data_threads",
+}
+# MAE's and timm's options that have no counterpart here, with what to do instead (an unknown-option message says it).
+RETIRED_OPTIONS = {
+    "log_dir": "TensorBoard events go to OUT/tb (--out); drop --log_dir",
+    "pin_mem": "batches bound for a GPU are pinned already; drop it",
+    "no_pin_mem": "batches bound for a GPU are pinned already; drop it",
+    "dist_url": "./launch.sh sets up the processes (README \"Pre-train\"); drop it",
+    "world_size": "./launch.sh sets up the processes: --nproc N per node, nodes from NNODES or SLURM; drop it",
+    "local_rank": "./launch.sh sets up the processes; drop it",
+    "dist_on_itp": "./launch.sh sets up the processes; drop it",
+    "start_epoch": "--resume auto continues at the checkpoint's step and data position",
 }
 # String options that may be given without a value (`--wandb` alone = its default project).
 OPTIONAL_VALUES = {"wandb": WANDB_DEFAULT_PROJECT}
@@ -360,6 +372,8 @@ def option_names(cls: type = None) -> list[str]:
 
 
 def _unknown_message(name: str, cls: type = None) -> str:
+    if name in RETIRED_OPTIONS:
+        return f"unknown option --{_opt(name)}: {RETIRED_OPTIONS[name]}"
     options = [_opt(n) for n in option_names(cls)]
     close = difflib.get_close_matches(_opt(name), options, n=3)
     hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
@@ -573,7 +587,7 @@ def options_help(cls: type, model_heading: str = "Model options (ModelConfig fie
 LAUNCHER_HELP = ["Launcher options: --nproc N (processes per node; default: one per visible GPU, 1 on CPU).",
                  "Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's environment (docs/training.md).",
                  "MAE's and timm's option names work too where they apply: --data_path, --output_dir / --output, "
-                 "--input_size, --finetune, --model-ema, --aa rand-m9-mstd0.5-inc1 (docs/training.md)."]
+                 "--input_size, --finetune, --model-ema, --num_workers, --aa rand-m9-mstd0.5-inc1 (docs/training.md)."]
 
 
 def help_text(prog: str = "./launch.sh pretrain") -> str:
