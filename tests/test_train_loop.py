@@ -78,13 +78,21 @@ def test_short_run_lowers_the_loss(shards, tmp_path):
     assert last < 0.75 * first, (first, last)  # about 1.5 -> 0.75 here
 
 
-def test_interrupted_and_resumed_run_reproduces_every_record(shards, tmp_path):
-    """Stop (as on SIGTERM) in the middle of a log interval and of an epoch, resume: same records, same weights."""
-    args = ["--log-every", "4", "--ckpt-every", "3"]
+@pytest.mark.parametrize("backend, cut, position, logged", [
+    ("dali", 5, (0, 5), [4]),  # step 5 is carried in the checkpoint
+    ("torch", 5, (0, 5), [4]),  # the torch backend (PIL in DataLoader workers)
+    ("torch", 6, (1, 0), [4, 6]),  # at the epoch boundary: the next epoch's first batch
+])
+def test_interrupted_and_resumed_run_reproduces_every_record(shards, tmp_path, backend, cut, position, logged):
+    """Stop (as on SIGTERM) in the middle of a log interval and of an epoch, or at an epoch's end, resume: same
+    records, same weights, with either loader backend."""
+    args = ["--log-every", "4", "--ckpt-every", "3", "--data-backend", backend]
     assert pretrain(shards, tmp_path / "full", *args) == 0
-    assert pretrain(shards, tmp_path / "cut", *args, stop=StopAt(5)) == 0
-    assert [ck.step for ck in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3, 5]
-    assert [r["step"] for r in records(tmp_path / "cut")] == [4]  # step 5 is carried in the checkpoint
+    assert pretrain(shards, tmp_path / "cut", *args, stop=StopAt(cut)) == 0
+    assert [ck.step for ck in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [3, cut]
+    state = read_checkpoint(list_checkpoints(tmp_path / "cut" / "checkpoints")[-1].path)
+    assert (state["loader"][0]["epoch"], state["loader"][0]["batch"]) == position  # (epoch, next batch)
+    assert [r["step"] for r in records(tmp_path / "cut")] == logged
     assert pretrain(shards, tmp_path / "cut", *args, "--resume", "auto") == 0
 
     full, cut = records(tmp_path / "full"), records(tmp_path / "cut")
