@@ -501,10 +501,10 @@ def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
     if not mpath.is_file():
         if _holds_source_data(folder):
             raise FileNotFoundError(
-                f"{mpath} not found: {folder} is not a shard folder: it holds files or folders but no shards; if they are the images "
-                "themselves (an ImageFolder tree, as MAE's --data_path takes), shard them once with `./launch.sh "
-                "shard IMAGES SHARDS` (README \"Shard ImageNet\": one shard folder per split) and give the shard "
-                "folder (--data SHARDS)"
+                f"{mpath} not found: {folder} is not a shard folder: it holds files or folders but no shards; if "
+                "they are the images themselves (an ImageFolder tree, as MAE's --data_path takes), shard them once "
+                "with `./launch.sh shard IMAGES SHARDS` (README \"Shard ImageNet\": one shard folder per split) and "
+                "give the shard folder (--data SHARDS)"
             )
         raise FileNotFoundError(
             f"{mpath} not found: {folder} is not a shard folder (or sharding did not finish); "
