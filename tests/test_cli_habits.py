@@ -198,6 +198,31 @@ def test_knn_all_checkpoints_evaluates_those_without_a_result(run_with_checkpoin
         knn.check(["--ckpt", str(cks[0]), "--all-checkpoints", *common])
 
 
+def test_knn_all_checkpoints_skips_and_lists_a_damaged_checkpoint_also_the_first(run_with_checkpoints, tmp_path,
+                                                                                  capsys):
+    import shutil
+
+    from train.eval import knn
+    from train.eval.results import read_result, result_path
+
+    src, train, val = run_with_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(src / "checkpoints", run / "checkpoints", ignore=shutil.ignore_patterns("*.json"))
+    cks = sorted((run / "checkpoints").glob("step-*.pt"))
+    cks[0].write_bytes(cks[0].read_bytes()[:5000])  # the oldest, evaluated first, cut short
+    args = ["--ckpt", str(run), "--all-checkpoints", "--data", str(train), "--eval-data", str(val), "--batch-size",
+            "8", "--data-threads", "1", "--k", "3"]
+    for _ in range(2):  # again: the evaluated one is not redone, the damaged one is listed again
+        capsys.readouterr()
+        assert knn.run(knn.check(args), DistEnv()) == 0
+        err = capsys.readouterr().err
+        assert f"1 checkpoint(s) skipped:\n  {cks[0]}: " in err and "not a readable checkpoint archive" in err
+        assert not result_path(cks[0], "knn").exists() and read_result(result_path(cks[1], "knn"))["step"] == 4
+    first = result_path(cks[1], "knn").read_bytes()
+    assert knn.run(knn.check(args), DistEnv()) == 0
+    assert result_path(cks[1], "knn").read_bytes() == first
+
+
 @pytest.mark.slow
 def test_linprobe_all_checkpoints_runs_one_probe_per_checkpoint(run_with_checkpoints):
     from train.eval import linprobe
