@@ -246,3 +246,23 @@ def test_an_interrupted_timm_export_is_not_loadable_and_is_completed_by_the_next
     export_encoder(source, "timm", out, "avg")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert timm.create_model(f"local-dir:{out}", pretrained=True).global_pool == "avg"
+
+
+class Custom:
+    """An object that weights-only loading refuses to unpickle."""
+
+
+def test_files_that_are_no_weights_get_a_one_line_reason(model, tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, good)
+    cases = {"config.json": (b'{"train": {}}', "not a torch checkpoint file (neither torch's zip format nor a legacy "
+                                               "pickle)"),
+             "cut.pth": (good.read_bytes()[:3000], "Is it a complete torch checkpoint file?")}
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": model.state_dict(), "args": Custom()}, tmp_path / "objects.pth")
+    cases["objects.pth"] = (None, "holds Python objects besides tensors and plain values, which are never unpickled")
+    for name, (_, says) in cases.items():
+        with pytest.raises(ValueError) as e:
+            resolve_source(tmp_path / name)
+        assert says in str(e.value) and "\n" not in str(e.value) and "weights_only" not in str(e.value), str(e.value)
