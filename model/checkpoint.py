@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} not found") from None
     except Exception as e:  # unpickling errors, truncated zip files
-        raise ValueError(f"cannot read checkpoint {path}: {e}. Is it a complete torch checkpoint file?") from e
+        raise ValueError(f"cannot read checkpoint {path}: {torch_load_problem(path, e)}") from e
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no model state_dict (expected a dict with key 'model' or a state_dict)")
     # DDP / torch.compile wrappers prefix the keys; strip them so files from any trainer load.
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def torch_load_problem(path: str | os.PathLike, error: Exception) -> str:
+    """One line saying why torch.load refused `path` (its own messages run over several lines, and for objects that
+    weights-only loading refuses they advise weights_only=False, which would run code from the file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        return str(e)
+    if head != b"PK" and not head.startswith(b"\x80"):  # torch's zip format / a legacy pickle
+        return "not a torch checkpoint file (neither torch's zip format nor a legacy pickle)"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return ("it holds Python objects besides tensors and plain values, which are never unpickled here (they "
+                "could run code); save the state_dict alone ({'model': model.state_dict()})")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{first.rstrip('.')}. Is it a complete torch checkpoint file?"
 
 
 def infer_config(state: dict[str, Tensor], **overrides: Any) -> ModelConfig:

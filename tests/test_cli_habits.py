@@ -182,6 +182,15 @@ def test_nodelist_uses_scontrol_when_present_and_falls_back(tmp_path, monkeypatc
     (["compute", "--runs", "/nonexistent/run"], "bench compute: error: run folder /nonexistent/run does not exist"),
     (["model", "--models", "nope"], "bench model: error: unknown model 'nope'"),
     (["memory", "--batch-sizes", "0"], "bench memory: error: --batch-sizes must be integers >= 1"),
+    (["memory", "--repeats", "2"], "bench memory: error: --repeats does not apply: this benchmark times nothing"),
+    (["model", "--repeats", "0"], "bench model: error: --repeats 0 is invalid: must be an integer >= 1"),
+    (["kernels", "--warmup", "-1"], "bench kernels: error: --warmup -1 is invalid: must be an integer >= 0"),
+    (["model", "--batch-size", "0", "--models", "mae_vit_tiny_patch16", "--img-size", "32", "--device", "cpu"],
+     "bench model: error: step setup: batch_size must be a positive int, got 0"),  # not the default batch
+    (["model", "--device", "gpu7"], "bench model: error: --device gpu7 is invalid: must be auto, cpu, cuda or cuda:N"),
+    (["mixing", "--seed", "-1"], "bench mixing: error: --seed -1 is invalid: must be an integer >= 0"),
+    (["mixing", "--samples", "10", "--world", "20"], "bench mixing: error: 10 samples cannot be split over 20 ranks"),
+    (["shard", "--workers", "x"], "bench shard: error: --workers x: give comma-separated integers, e.g. 1,2"),
 ])
 def test_bench_input_errors_are_one_line_with_exit_2(args, message, capsys):
     from tools.bench.__main__ import main
@@ -189,6 +198,23 @@ def test_bench_input_errors_are_one_line_with_exit_2(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_report_files_that_cannot_be_written_stop_it_before_measuring(tmp_path, capsys):
+    from tools.bench.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    for option, path, says in (("--json", "file/r.json", "file is a file, not a folder"),
+                               ("--markdown", "folder", "folder is a folder")):
+        assert main(["mixing", "--samples", "64", "--shard-samples", "8", "--world", "2", "--batch", "4",
+                     "--buffers", "8", option, str(tmp_path / path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1  # nothing measured, one line
+        assert err.startswith(f"bench mixing: error: {option} {tmp_path / path}: ") and says in err
+    assert main(["mixing", "--samples", "64", "--shard-samples", "8", "--world", "2", "--batch", "4", "--buffers", "8",
+                 "--markdown", str(tmp_path / "new" / "r.md")]) == 0  # a missing folder is made
+    assert (tmp_path / "new" / "r.md").read_text().startswith("#")
 
 
 def test_bench_argument_errors_exit_2():
@@ -253,6 +279,31 @@ def test_knn_all_checkpoints_evaluates_those_without_a_result(run_with_checkpoin
         knn.check(["--ckpt", str(run), "--all-checkpoints", *common, "--out", "x"])
     with pytest.raises(ValueError, match="--all-checkpoints: --ckpt .* is not a folder"):
         knn.check(["--ckpt", str(cks[0]), "--all-checkpoints", *common])
+
+
+def test_knn_all_checkpoints_skips_and_lists_a_damaged_checkpoint_also_the_first(run_with_checkpoints, tmp_path,
+                                                                                  capsys):
+    import shutil
+
+    from train.eval import knn
+    from train.eval.results import read_result, result_path
+
+    src, train, val = run_with_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(src / "checkpoints", run / "checkpoints", ignore=shutil.ignore_patterns("*.json"))
+    cks = sorted((run / "checkpoints").glob("step-*.pt"))
+    cks[0].write_bytes(cks[0].read_bytes()[:5000])  # the oldest, evaluated first, cut short
+    args = ["--ckpt", str(run), "--all-checkpoints", "--data", str(train), "--eval-data", str(val), "--batch-size",
+            "8", "--data-threads", "1", "--k", "3"]
+    for _ in range(2):  # again: the evaluated one is not redone, the damaged one is listed again
+        capsys.readouterr()
+        assert knn.run(knn.check(args), DistEnv()) == 0
+        err = capsys.readouterr().err
+        assert f"1 checkpoint(s) skipped:\n  {cks[0]}: " in err and "not a readable checkpoint archive" in err
+        assert not result_path(cks[0], "knn").exists() and read_result(result_path(cks[1], "knn"))["step"] == 4
+    first = result_path(cks[1], "knn").read_bytes()
+    assert knn.run(knn.check(args), DistEnv()) == 0
+    assert result_path(cks[1], "knn").read_bytes() == first
 
 
 @pytest.mark.slow

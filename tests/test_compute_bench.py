@@ -68,7 +68,7 @@ def test_runs_mode_reports_the_hand_checked_crossing(tmp_path):
 def test_bad_invocations_are_refused(tmp_path, capsys):
     s, m = write_pair(tmp_path)
     for args, message in ((["--runs", str(s), "--data", str(s)], "either --runs"),
-                          (["--runs", str(s), str(m), "--repeats", "3"], "--warmup and --repeats do not apply"),
+                          (["--runs", str(s), str(m), "--repeats", "3"], "--repeats does not apply: this benchmark times nothing"),
                           (["--data", str(s)], "needs --eval-data, --budgets, --out")):
         assert bench_main(["compute", *args]) == 2  # one line, no traceback
         err = capsys.readouterr().err

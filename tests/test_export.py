@@ -193,3 +193,76 @@ def test_export_cli_and_refusals(model, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--pool only applies to --format timm"):
         ExportConfig(str(pth), "mae", "x.pth", pool="avg")
+
+
+def test_export_never_replaces_files_that_are_not_its_own(model, tmp_path, capsys):
+    from tools.export import main
+
+    pth = tmp_path / "release.pth"
+    torch.save({"model": model.state_dict()}, pth)
+    common = ["--ckpt", str(pth), "--num-heads", "2"]
+    # mae: an existing file (a release, say) is kept byte for byte
+    (tmp_path / "user.pth").write_bytes(b"someone's weights")
+    assert main([*common, "--format", "mae", "--out", str(tmp_path / "user.pth")]) == 2
+    assert "already exists: an export never replaces a file" in capsys.readouterr().err
+    assert (tmp_path / "user.pth").read_bytes() == b"someone's weights"
+    # --out inside a file: a message, not a traceback
+    for fmt, out in (("mae", "user.pth/encoder.pth"), ("timm", "user.pth/export")):
+        assert main([*common, "--format", fmt, "--out", str(tmp_path / out)]) == 2
+        assert "is a file" in capsys.readouterr().err
+    # timm: a folder of notes, a downloaded timm model (config.json with an architecture, not ours)
+    notes, download = tmp_path / "notes", tmp_path / "vit_base"
+    notes.mkdir(), download.mkdir()
+    (notes / "README.md").write_text("my notes")
+    (download / "config.json").write_text('{"architecture": "vit_base_patch16_224"}')
+    (download / "model.safetensors").write_bytes(b"weights")
+    for folder, named in ((notes, "README.md"), (download, "config.json, model.safetensors")):
+        assert main([*common, "--format", "timm", "--out", str(folder)]) == 2
+        assert f"not an earlier export ({named})" in capsys.readouterr().err
+    assert (notes / "README.md").read_text() == "my notes" and (download / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_an_interrupted_timm_export_is_not_loadable_and_is_completed_by_the_next(model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from model.checkpoint import is_timm_folder
+    from train.eval.export import check_export_target
+
+    out = tmp_path / "export"
+    source = PretrainedSource.from_model(model)
+    export_encoder(source, "timm", out, "token")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for a kill while the weights are written
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_encoder(source, "timm", out, "avg")
+    # the old config.json (token pool) does not vouch for weights that are not all written
+    assert not is_timm_folder(out) and sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
+    (out / ".model.safetensors.12345.tmp").write_bytes(b"half")  # as kill -9 leaves it
+    check_export_target(out, "timm")  # still recognised as an export
+    monkeypatch.undo()
+    export_encoder(source, "timm", out, "avg")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert timm.create_model(f"local-dir:{out}", pretrained=True).global_pool == "avg"
+
+
+class Custom:
+    """An object that weights-only loading refuses to unpickle."""
+
+
+def test_files_that_are_no_weights_get_a_one_line_reason(model, tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict()}, good)
+    cases = {"config.json": (b'{"train": {}}', "not a torch checkpoint file (neither torch's zip format nor a legacy "
+                                               "pickle)"),
+             "cut.pth": (good.read_bytes()[:3000], "Is it a complete torch checkpoint file?")}
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": model.state_dict(), "args": Custom()}, tmp_path / "objects.pth")
+    cases["objects.pth"] = (None, "holds Python objects besides tensors and plain values, which are never unpickled")
+    for name, (_, says) in cases.items():
+        with pytest.raises(ValueError) as e:
+            resolve_source(tmp_path / name)
+        assert says in str(e.value) and "\n" not in str(e.value) and "weights_only" not in str(e.value), str(e.value)

@@ -133,6 +133,30 @@ def test_visualize_writes_the_png(shards, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_visualize_more_images_than_the_data_and_unwritable_places(shards, tmp_path, capsys):
+    from tools.visualize import main
+    from train.distributed import DistEnv
+    from train.entry import build_eval_loader
+
+    full = tmp_path / "release.pth"
+    torch.save({"model": tiny_model().state_dict()}, full)
+    common = ["--ckpt", str(full), "--data", str(shards), "--num-heads", "2", "--data-backend", "torch"]
+    # the batch is at most what a rank reads, not --num / --batch-size (which would allocate that many)
+    for rank, world, batch in ((0, 1, 24), (1, 2, 12), (2, 5, 5)):
+        loader = build_eval_loader(str(shards), 10**9, 16, "torch", 1, 0, DistEnv(rank=rank, world_size=world))
+        assert loader.cfg.batch_size == batch
+        assert sum(b.num_valid for b in loader) == 24 * (rank + 1) // world - 24 * rank // world
+        loader.close()
+    # every image of the 24 once
+    assert main([*common, "--out", str(tmp_path / "all.png"), "--num", str(10**9)]) == 0
+    assert "24 images" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.png").mkdir()
+    for out, says in (("file/rec.png", "is a file"), ("dir.png", "is a folder")):
+        assert main([*common, "--out", str(tmp_path / out)]) == 2
+        assert says in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # TensorBoard during pre-training
 

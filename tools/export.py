@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "project, an original MAE/SupMAE .pth, or a timm folder / .safetensors file")
     p.add_argument("--format", required=True, choices=FORMATS, help="timm: a hub-style folder (config.json + "
                    "model.safetensors); mae: one .pth in the official release layout ({'model': encoder state})")
-    p.add_argument("--out", required=True, help="the folder (timm) or file (mae) to write")
+    p.add_argument("--out", required=True, help="the folder (timm: new, empty or an earlier export) or file (mae: "
+                   "must not exist) to write")
     p.add_argument("--pool", default="token", choices=POOLS, help="timm's pooled feature: token (cls token after "
                    "the norm; timm's default) or avg (mean of the normed patch tokens) [token]")
     p.add_argument("--num-heads", type=int, default=0, help="attention heads of a .pth encoder (default: "

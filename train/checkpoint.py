@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import torch_load_problem
 from pipeline.fileio import (
     TMP_SUFFIX,
     DiskFullError,
@@ -233,7 +234,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, unpickling errors
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot read checkpoint {path}: {torch_load_problem(path, e)}") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (an original MAE/SupMAE .pth or a "
                          "bare state_dict initialises weights with --init instead)")

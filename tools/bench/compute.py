@@ -40,6 +40,7 @@ from train.compare.report import (
     standard_error,
 )
 
+TIMED = False  # accuracy against recorded compute: --warmup / --repeats do not apply
 DESCRIPTION = "compute-to-accuracy: SupMAE vs MAE (runs a matched comparison or reads run folders)"
 COLUMNS = ["method", "protocol", "step", "epoch", "PFLOPs", "device-h", "top-1", "top-5"]
 SUMMARY_COLUMNS = ["method", "protocol", "evaluated", "untrained top-1", "best top-1", "s.e.", "best at PFLOPs",
@@ -288,9 +289,6 @@ def comparison_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> ComputeReport:
     from train.compare.plots import write_plots
 
-    if args.warmup is not None or args.repeats is not None:
-        raise ValueError("bench compute measures accuracy against recorded compute, not time: --warmup and "
-                         "--repeats do not apply")
     if bool(args.runs) == bool(args.data):
         raise ValueError("bench compute: give either --runs RUN... (analyse run folders) or --data SHARDS "
                          "(run a matched comparison)")

@@ -66,7 +66,7 @@ class KernelBenchConfig:
                              f"{self.patch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"bench kernels: --dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_size", "repeats", "stage_iters", "steps"):
+        for name in ("batch_size", "img_size", "repeats", "stage_iters", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"bench kernels: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -221,8 +221,8 @@ def config_from_args(args: argparse.Namespace) -> KernelBenchConfig:
     configs = args.configs if args.configs is not None else (",".join(STEP_CONFIGS) if gpu else "ref")
     return KernelBenchConfig(
         device=device,
-        batch_size=args.batch_size or (256 if gpu else 8),
-        img_size=args.img_size or (224 if gpu else 64),
+        batch_size=(256 if gpu else 8) if args.batch_size is None else args.batch_size,
+        img_size=(224 if gpu else 64) if args.img_size is None else args.img_size,
         patch_size=args.patch_size,
         mask_ratio=args.mask_ratio,
         dtype=args.dtype or ("bf16" if gpu else "fp32"),
@@ -230,9 +230,9 @@ def config_from_args(args: argparse.Namespace) -> KernelBenchConfig:
         configs=tuple(c.strip() for c in configs.split(",") if c.strip()),
         stages=args.stages,
         warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
-        repeats=args.repeats or (10 if gpu else 3),
-        stage_iters=args.stage_iters or (20 if gpu else 2),
-        steps=args.steps or (5 if gpu else 1),
+        repeats=(10 if gpu else 3) if args.repeats is None else args.repeats,
+        stage_iters=(20 if gpu else 2) if args.stage_iters is None else args.stage_iters,
+        steps=(5 if gpu else 1) if args.steps is None else args.steps,
     )
 
 

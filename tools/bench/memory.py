@@ -20,9 +20,10 @@ import torch
 
 from model import create_model
 from model.mae import MaskedAutoencoderViT
-from tools.bench.report import BenchReport
+from tools.bench.report import BenchReport, int_list
 from train.step_timing import DTYPES, StepSetup, TrainStep
 
+TIMED = False  # computed, not timed: --warmup / --repeats do not apply
 DESCRIPTION = "GPU memory per model and per-GPU batch: computed from parameters, AdamW state and saved activations"
 COLUMNS = ["model", "batch", "params M", "weights+grads+AdamW GiB", "activations MiB/image", "computed GiB",
            "measured GiB"]
@@ -97,10 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> MemoryBenchConfig:
-    try:
-        batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
-    except ValueError:
-        raise ValueError(f"--batch-sizes {args.batch_sizes}: give comma-separated integers, e.g. 64,128") from None
+    batches = int_list(args.batch_sizes, "--batch-sizes", "64,128")
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     measure = torch.cuda.is_available() if args.measure is None else args.measure
     return MemoryBenchConfig(models, batches, args.dtype, measure)

@@ -109,15 +109,17 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise ValueError("bench model: --models is empty")
+    batch_size = (256 if gpu else 16) if args.batch_size is None else args.batch_size
     setups = tuple(
-        StepSetup(model=m, batch_size=args.batch_size or (256 if gpu else 16), img_size=args.img_size,
+        StepSetup(model=m, batch_size=batch_size, img_size=args.img_size,
                   patch_size=args.patch_size, num_classes=args.num_classes, dtype=dtype, fused=args.fused,
                   compile=gpu if args.compile is None else args.compile, input_format=args.input,
                   grad_scaler=dtype == "fp16", device=str(device))
         for m in models
     )
     return ModelBenchConfig(setups, warmup=args.warmup if args.warmup is not None else (3 if gpu else 1),
-                            repeats=args.repeats or (5 if gpu else 3), steps=args.steps or (10 if gpu else 1))
+                            repeats=(5 if gpu else 3) if args.repeats is None else args.repeats,
+                            steps=(10 if gpu else 1) if args.steps is None else args.steps)
 
 
 def run(args: argparse.Namespace) -> BenchReport:

@@ -92,6 +92,14 @@ class Timing:
         return items_per_call / self.median
 
 
+def int_list(text: str, option: str, example: str = "1,2") -> tuple[int, ...]:
+    """A comma-separated list of integers given to `option`; ValueError naming the option otherwise."""
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{option} {text}: give comma-separated integers, e.g. {example}") from None
+
+
 def spread_text(values: list[float]) -> str:
     """"±x.x%": the spread of `values` as `Timing.spread` defines it ("-" when their median is 0)."""
     timing = Timing(list(values))
@@ -192,6 +200,9 @@ class BenchReport:
             console.print(f"- {n}")
 
     def write(self, json_path: str | os.PathLike | None = None, markdown_path: str | os.PathLike | None = None) -> None:
+        for path in (json_path, markdown_path):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
         if json_path:
             atomic_write_bytes(json_path, (json.dumps(self.to_dict(), indent=2) + "\n").encode(), fsync=False)
         if markdown_path:

@@ -34,7 +34,7 @@ from PIL import Image
 from pipeline.shards.imageproc import ImageConfig, keep_original_blockers, process_image, scan_jpeg
 from pipeline.shards.shard_format import load_manifest, read_samples
 from pipeline.shards.sharding import NullProgress, ShardConfig, run_sharding, run_tasks
-from tools.bench.report import BenchReport, Timing
+from tools.bench.report import BenchReport, Timing, int_list
 
 DESCRIPTION = "sharding throughput vs plain tar copy and per-image decode+encode cost"
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample-500.tar"
@@ -78,7 +78,7 @@ def device_of(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> BenchShardConfig:
     return BenchShardConfig(
         data=Path(args.data),
-        workers=tuple(int(w) for w in str(args.workers).split(",") if w),
+        workers=int_list(args.workers, "--workers", "1,2"),
         shard_samples=args.shard_samples,
         warmup=1 if args.warmup is None else args.warmup,
         repeats=5 if args.repeats is None else args.repeats,

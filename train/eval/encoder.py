@@ -200,8 +200,9 @@ def _project_source(path: Path, state: dict[str, Any], model_args: dict[str, Any
     config = state["config"]
     protocol = config.get("protocol", "pretrain")
     if protocol != "pretrain" or "model" not in config:
-        raise ValueError(f"--ckpt {path} is a {protocol} checkpoint; the evaluation protocols start from a "
-                         "pre-training checkpoint (or an MAE/SupMAE .pth)")
+        raise ValueError(f"--ckpt {path} is a {protocol} checkpoint (a classifier trained on a frozen or tuned "
+                         "encoder), not a pre-training one: give a pre-training run or checkpoint, or an MAE/SupMAE "
+                         ".pth")
     cfg = dataclasses.replace(ModelConfig.from_dict(config["model"]), **model_args)
     run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
     step = int(state["step"])

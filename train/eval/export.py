@@ -11,13 +11,17 @@ Hugging Face hub as it is. "mae": `{"model": encoder state_dict}` with the keys 
 (patch embedding, cls token, position embedding, blocks, final norm; no decoder, mask token or SupMAE head), which
 MAE's and SupMAE's fine-tuning code load.
 
-Files are written atomically; an existing folder is written into only when it is empty or an earlier export.
+Files are written atomically (temporary name, fsync, rename). An existing folder is written into only when it is
+empty or an earlier export (its model card or config.json says so); the card is written first and config.json last,
+so an interrupted export is recognised as ours and never loads as a complete one. An existing mae file is never
+replaced (it may be a release or other weights).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +34,17 @@ from model.checkpoint import (
     final_norm_layout,
     timm_hub_config,
 )
-from pipeline.fileio import atomic_path, atomic_write_bytes, atomic_write_json
+from pipeline.fileio import TMP_SUFFIX, atomic_path, atomic_write_bytes, atomic_write_json, folder_problem
+from train.entry import check_writable
 from train.eval.encoder import RANDOM, PretrainedSource, resolve_source
 
 FORMATS = ("timm", "mae")
 POOLS = ("token", "avg")
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+CARD_MARK = "Exported by supmae-fast"  # in every model card this module writes
+EXTRA_KEY = "supmae_fast"  # config.json's provenance section (timm ignores it)
+_OURS = (WEIGHTS_NAME, TIMM_CONFIG_NAME, CARD_NAME)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class ExportConfig:
             raise ValueError(f"--num-heads {self.num_heads} is invalid: must be an integer >= 1 (or 0 = inferred)")
 
     def run(self, warn=None) -> tuple[PretrainedSource, list[Path]]:
+        check_export_target(Path(self.out), self.format)  # before a large checkpoint is read
         source = resolve_source(self.ckpt, model_args={"num_heads": self.num_heads} if self.num_heads else {},
                                 warn=warn)
         return source, export_encoder(source, self.format, self.out, self.pool)
@@ -93,51 +102,76 @@ def export_encoder(source: PretrainedSource, fmt: str, out: str | os.PathLike, p
     if pool not in POOLS:
         raise ValueError(f"--pool {pool} is invalid: must be one of {', '.join(POOLS)}")
     out = Path(out)
+    check_export_target(out, fmt)
     state = encoder_state(source)
     if fmt == "mae":
-        if out.is_dir():
-            raise ValueError(f"--out {out} is a folder: the mae format is one file (e.g. {out / 'encoder.pth'})")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             torch.save({"model": state}, tmp)
         return [out]
     from safetensors.torch import save_file
 
-    _check_export_folder(out)
     config = timm_hub_config(source.model_cfg, pool, provenance(source))
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # what an export killed mid-write left
+        if _is_our_temporary(stale.name):
+            stale.unlink()
+    # The card first (it marks the folder as an export), the stale config.json out of the way, config.json last:
+    # at every point of an interruption the folder is recognised as ours and is not a loadable timm folder.
+    atomic_write_bytes(out / CARD_NAME, model_card(config).encode())
+    (out / TIMM_CONFIG_NAME).unlink(missing_ok=True)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     atomic_write_json(out / TIMM_CONFIG_NAME, config)
-    atomic_write_bytes(out / CARD_NAME, model_card(config).encode())
     return [out / WEIGHTS_NAME, out / TIMM_CONFIG_NAME, out / CARD_NAME]
 
 
-def _check_export_folder(out: Path) -> None:
-    """A timm export goes into a new or empty folder, or over an earlier export: never over a run folder's
-    config.json or other files that are not ours."""
+def check_export_target(out: Path, fmt: str) -> None:
+    """ValueError unless `out` may be written: a writable place; for "mae" a file that does not exist yet; for
+    "timm" a new or empty folder, or an earlier export (never a run folder, a downloaded model or other files that
+    are not ours)."""
+    if fmt == "mae":
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder: the mae format is one file (e.g. {out / 'encoder.pth'})")
+        if out.exists() or out.is_symlink():
+            raise ValueError(f"--out {out} already exists: an export never replaces a file (it may be a release or "
+                             "other weights); delete it or choose another name")
+        problem = folder_problem(out.parent)
+        if problem:
+            raise ValueError(f"--out {out}: {problem}; choose another place")
+        return
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: the timm format is a folder")
+    check_writable(out, "--out")
     if not out.is_dir():
         return
-    ours = {WEIGHTS_NAME, TIMM_CONFIG_NAME, CARD_NAME}
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
-    config = out / TIMM_CONFIG_NAME
-    earlier_export = False
-    if config.is_file():
-        try:
-            earlier_export = "architecture" in json.loads(config.read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-    if others or (config.is_file() and not earlier_export):
-        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "") if others else TIMM_CONFIG_NAME
-        raise ValueError(f"--out {out} already holds files that are not an earlier export ({shown}); choose a new "
-                         "or empty folder")
+    names = sorted(p.name for p in out.iterdir())
+    others = [n for n in names if n not in _OURS and not _is_our_temporary(n)]
+    if not names or (not others and _is_earlier_export(out)):
+        return
+    shown = ", ".join((others or names)[:3]) + (" ..." if len(others or names) > 3 else "")
+    raise ValueError(f"--out {out} already holds files that are not an earlier export ({shown}); choose a new or "
+                     "empty folder")
+
+
+def _is_our_temporary(name: str) -> bool:
+    """A temporary file an export killed mid-write left (pipeline.fileio.tmp_path_for of one of our files)."""
+    return any(re.fullmatch(re.escape(f".{n}.") + r"\d+" + re.escape(TMP_SUFFIX), name) for n in _OURS)
+
+
+def _is_earlier_export(folder: Path) -> bool:
+    """Whether `folder`'s config.json or model card is one this module wrote."""
+    try:
+        if (folder / TIMM_CONFIG_NAME).is_file():
+            return EXTRA_KEY in json.loads((folder / TIMM_CONFIG_NAME).read_text())
+        return (folder / CARD_NAME).is_file() and CARD_MARK in (folder / CARD_NAME).read_text()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
 
 
 def model_card(config: dict[str, Any]) -> str:
     """A minimal Hugging Face model card for the exported folder."""
-    info = config.get("supmae_fast", {})
+    info = config.get(EXTRA_KEY, {})
     model = info.get("model", {})
     family = "SupMAE" if model.get("cls_branch") else "MAE"
     pool = config["global_pool"]
@@ -155,7 +189,7 @@ def model_card(config: dict[str, Any]) -> str:
         "features = model(images)  # (N, embed_dim), images normalised as in pretrained_cfg", "```", "",
         f"Pre-training step {info.get('step')}"
         + (f", {info.get('pretrain_images'):,} images seen, {flops / 1e15:.3f} training PFLOPs" if flops else "")
-        + ". Exported by supmae-fast (`./launch.sh export`).",
+        + f". {CARD_MARK} (`./launch.sh export`).",
         "",
     ]
     return "\n".join(lines)

@@ -325,10 +325,22 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
             if env.is_main:
                 print(f"knn: every checkpoint of {cfg.ckpt} has a k-NN result already; nothing to do")
             return 0
-        source = _source(cfg, targets[0], say)
-        img_size = cfg.img_size or source.model_cfg.img_size
         # Built before any data is read: weights that do not fit the encoder (a partial state dict) are bad input.
-        encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
+        # With --all-checkpoints one that cannot be read is skipped and listed, also when it is the first.
+        skipped: list[str] = []
+        while True:
+            try:
+                source = _source(cfg, targets[0], say)
+                encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
+                break
+            except (ValueError, FileNotFoundError) as e:
+                if not cfg.all_checkpoints:
+                    raise
+                _skip(targets.pop(0), e, skipped, say)
+                if not targets:
+                    _list_skipped(skipped, env)
+                    return 0
+        img_size = cfg.img_size or source.model_cfg.img_size
         loaders = [build_eval_loader(data, batch, img_size, cfg.data_backend, cfg.data_threads, cfg.seed, env,
                                      cfg.decode)
                    for data, batch in ((cfg.data, cfg.batch_size), (cfg.eval_data, cfg.eval_batch_size or cfg.batch_size))]
@@ -340,7 +352,6 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
                                      nvidia=detect_nvidia() if env.is_main else None)
     if env.is_main:
         say(describe_environment(environment))
-    skipped = []
     for i, target in enumerate(targets):
         if i:
             if stop is not None and stop.agreed():
@@ -350,8 +361,7 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
                 source = _source(cfg, target, say)
                 encoder, _ = encoder_for(source, cfg.feature, cfg.img_size)
             except (ValueError, FileNotFoundError) as e:
-                skipped.append(f"{target}: {e}")
-                say(f"skipping {target}: {e}")
+                _skip(target, e, skipped, say)
                 continue
         result = knn_eval(encoder.vit, loaders[0], loaders[1], settings, env, cfg.img_size)
         if env.is_main:
@@ -361,9 +371,18 @@ def run(cfg: KnnConfig, env: DistEnv, stop: StopRequest | None = None) -> int:
             print(f"knn: {source.name} (step {source.step}): top-1 {100 * result.top1:.2f}%  top-5 "
                   f"{100 * result.top5:.2f}%  on {result.samples} images, bank {result.bank} x {result.feature_dim}, "
                   f"k {cfg.k}, T {cfg.temperature}, {result.seconds:.1f} s")
+    _list_skipped(skipped, env)
+    return 0
+
+
+def _skip(target: Path | None, error: Exception, skipped: list[str], say) -> None:
+    skipped.append(f"{target}: {error}")
+    say(f"skipping {target}: {error}")
+
+
+def _list_skipped(skipped: list[str], env: DistEnv) -> None:
     if skipped and env.is_main:
         print(f"knn: {len(skipped)} checkpoint(s) skipped:\n  " + "\n  ".join(skipped), file=sys.stderr)
-    return 0
 
 
 def _source(cfg: KnnConfig, target: Path | None, warn) -> PretrainedSource:

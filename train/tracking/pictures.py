@@ -28,7 +28,7 @@ from torch import Tensor
 
 from model.mae import MaskedAutoencoderViT
 from model.reconstruction import PANEL_TITLES, Reconstruction, reconstruct, reconstruction_grid
-from pipeline.fileio import atomic_write_bytes
+from pipeline.fileio import atomic_write_bytes, folder_problem
 from train.distributed import DistEnv, rng_state, set_rng_state
 from train.entry import build_eval_loader
 from train.eval.encoder import resolve_source
@@ -152,6 +152,9 @@ class VisualizeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} is invalid: must be {allowed}")
         if not self.out.lower().endswith(".png"):
             raise ValueError(f"--out {self.out}: the picture is a PNG file; name it FILE.png")
+        problem = f"{self.out} is a folder" if Path(self.out).is_dir() else folder_problem(Path(self.out).parent)
+        if problem:
+            raise ValueError(f"--out {self.out}: {problem}; choose another place for the picture")
         if not Path(self.ckpt).exists():
             raise FileNotFoundError(f"--ckpt {self.ckpt}: no such file or folder")
 
