@@ -23,7 +23,7 @@ import torch
 from pipeline.fileio import DiskFullError, atomic_write_json, folder_problem
 from pipeline.loaders.base import Loader, LoaderConfig
 from pipeline.loaders.build import build_loader
-from pipeline.shards.shard_format import Manifest, ShardFormatError, load_manifest
+from pipeline.shards.shard_format import Manifest, ShardFormatError
 from train.checkpoint import (
     CHECKPOINT_DIR,
     list_checkpoints,
@@ -239,14 +239,11 @@ def run_environment(trainer: Trainer, env: DistEnv) -> dict[str, Any]:
 
 def build_eval_loader(data: str, batch_size: int, img_size: int, backend: str, threads: int, seed: int,
                       env: DistEnv, decode: str = "auto") -> Loader:
-    """This rank's eval loader over `data` (resize + centre crop, every sample once, in order) on the run's device.
-
-    The batch is at most what one rank reads (ceil(samples / world size)): a batch size far above a small set's size
-    (`visualize --num 1000000`, `knn --batch-size ...`) would otherwise allocate and pad a batch of that size."""
-    per_rank = -(-load_manifest(data)[0].num_samples // env.world_size)
+    """This rank's eval loader over `data` (resize + centre crop, every sample once, in order) on the run's device;
+    the batch is at most what one rank reads (`build_loader`)."""
     return build_loader(LoaderConfig(
-        data=data, batch_size=max(1, min(batch_size, per_rank)), img_size=img_size, train=False, backend=backend,
-        decode=decode, device="cuda" if env.device.type == "cuda" else "cpu", num_threads=threads, seed=seed,
+        data=data, batch_size=batch_size, img_size=img_size, train=False, backend=backend, decode=decode,
+        device="cuda" if env.device.type == "cuda" else "cpu", num_threads=threads, seed=seed,
     ), env.rank, env.world_size)
 
 

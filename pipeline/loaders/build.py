@@ -6,6 +6,8 @@ backend imports them, and they import the base, never the other way round.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pipeline.loaders.base import (
     LoaderBase,
     LoaderConfig,
@@ -19,9 +21,16 @@ from pipeline.loaders.base import (
 def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1) -> LoaderBase:
     """Validate the data (manifest, every shard and index present with its size) and make the configured loader.
 
-    rank / world_size: this process's place among the data-parallel ranks (shard_id / num_shards).
+    rank / world_size: this process's place among the data-parallel ranks (shard_id / num_shards). An eval
+    loader's batch is at most what one rank reads (ceil(samples / world size)): a batch size far above a small
+    set's size (`visualize --num 1000000`, `knn --batch-size ...`) would otherwise allocate and pad a batch of
+    that size.
     """
     shards = ShardSet.open(cfg.data)
+    if not cfg.train:
+        per_rank = -(-shards.num_samples // world_size)
+        if cfg.batch_size > per_rank:
+            cfg = dataclasses.replace(cfg, batch_size=max(1, per_rank))
     layout = RankLayout(shards.num_samples, world_size, rank, cfg.batch_size, bool(cfg.drop_last))
     device = resolve_device(cfg.device)
     decode = resolve_decode(cfg, device)
